@@ -1,0 +1,52 @@
+"""Batched sampling with transformers `generate`, returning token ids and their log-probs."""
+from __future__ import annotations
+
+import torch
+
+from rlkd.batch import SequenceBatch
+
+
+@torch.no_grad()
+def hf_generate(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
+                temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, no_repeat_ngram_size: int = 0,
+                batch_size: int = 64) -> tuple[list[list[int]], list[list[float]]]:
+    """Sample one response per prompt (cut after the first EOS, which is kept).
+
+    Log-probs are of the chosen tokens under the raw model (temperature 1, no processors), the
+    same quantity vLLM's default `raw_logprobs` mode and the learners compute.
+    """
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    responses, logprobs = [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        packed = SequenceBatch.collate(chunk, [[] for _ in chunk], pad_id)
+        width = packed.prompt_width
+        out = model.generate(
+            input_ids=packed.input_ids[:, :width].to(device),
+            attention_mask=packed.attention_mask[:, :width].to(device),
+            do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+            no_repeat_ngram_size=no_repeat_ngram_size or None, pad_token_id=pad_id, eos_token_id=eos_id,
+            output_logits=True, return_dict_in_generate=True)
+        new = out.sequences[:, width:].cpu()
+        raw = torch.stack(out.logits, 1).float().log_softmax(-1).cpu()  # (B, T, V)
+        chosen = raw.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        for row, lp in zip(new.tolist(), chosen.tolist()):
+            n = row.index(eos_id) + 1 if eos_id in row else len(row)
+            responses.append(row[:n])
+            logprobs.append(lp[:n])
+    return responses, logprobs
+
+
+def generate_from_dir(model_dir: str, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
+                      seed: int, no_repeat_ngram_size: int = 0, trust_remote_code: bool = False) -> list[list[int]]:
+    """Load a model directory and sample from it (evaluation: run as a Ray task, see rlkd.launch)."""
+    import os
+
+    from rlkd.models import load_model
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    model = load_model(model_dir, trust_remote_code).eval()
+    responses, _ = hf_generate(model, prompts, pad_id, eos_id, max_new_tokens, seed=seed,
+                               no_repeat_ngram_size=no_repeat_ngram_size)
+    return responses

@@ -1,0 +1,103 @@
+"""RolloutActor: samples the student's on-policy trajectories with vLLM or HF generate.
+
+Wrap with `ray.remote(...)` at the call site (rlkd.launch) so resources stay a launch decision.
+Heavy imports (vllm, transformers) happen in the constructors, so this module imports anywhere.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+
+class _HFEngine:
+    def __init__(self, model_dir: str, pad_id: int, eos_id: int, trust_remote_code: bool):
+        import torch
+
+        from rlkd.models import load_model
+
+        self.model = load_model(model_dir, trust_remote_code).eval()
+        if torch.cuda.is_available():
+            self.model.cuda()
+        self.pad_id, self.eos_id = pad_id, eos_id
+
+    def generate(self, prompts, max_new_tokens, temperature, top_p, seed, no_repeat_ngram_size):
+        from actors.hf_generate import hf_generate
+
+        return hf_generate(self.model, prompts, self.pad_id, self.eos_id, max_new_tokens, temperature,
+                           top_p, seed, no_repeat_ngram_size)
+
+    def load_weights(self, blob: bytes) -> None:
+        from safetensors.torch import load
+
+        missing, unexpected = self.model.load_state_dict(load(blob), strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"weight sync: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+class _VLLMEngine:
+    def __init__(self, model_dir: str, seed: int, memory_fraction: float, max_model_len: int,
+                 trust_remote_code: bool):
+        # one process: the engine core runs inside this actor (no extra spawned engine process)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        import torch
+        from vllm import LLM
+
+        self.llm = LLM(model=model_dir, dtype="auto" if torch.cuda.is_available() else "float32",
+                       gpu_memory_utilization=memory_fraction, enforce_eager=True, seed=seed,
+                       max_model_len=max_model_len, trust_remote_code=trust_remote_code,
+                       worker_extension_cls="actors.vllm_worker.RlkdWorkerExtension")
+
+    def generate(self, prompts, max_new_tokens, temperature, top_p, seed, no_repeat_ngram_size):
+        from vllm import SamplingParams
+
+        if no_repeat_ngram_size:
+            raise ValueError("rollout.backend='vllm' does not support no_repeat_ngram_size; use backend 'hf'")
+        params = [SamplingParams(temperature=temperature, top_p=top_p, top_k=0, max_tokens=max_new_tokens,
+                                 seed=seed + i, logprobs=0) for i in range(len(prompts))]
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        responses, logprobs = [], []
+        for o in outs:
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            responses.append(ids)
+            logprobs.append([step[t].logprob for t, step in zip(ids, c.logprobs)])
+        return responses, logprobs
+
+    def load_weights(self, blob: bytes) -> None:
+        self.llm.collective_rpc("rlkd_load_weights", args=(blob,))
+
+
+class RolloutActor:
+    """Holds a copy of the student for generation; receives new weights from the learners."""
+
+    def __init__(self, model_dir: str, backend: str, pad_id: int, eos_id: int, seed: int = 0,
+                 vllm_memory_fraction: float = 0.05, max_model_len: int = 512, trust_remote_code: bool = False):
+        import torch
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        if backend == "hf":
+            self.engine = _HFEngine(model_dir, pad_id, eos_id, trust_remote_code)
+        elif backend == "vllm":
+            self.engine = _VLLMEngine(model_dir, seed, vllm_memory_fraction, max_model_len, trust_remote_code)
+        else:
+            raise ValueError(f"rollout.backend={backend!r}: expected 'hf' or 'vllm'")
+        self.backend = backend
+
+    def ready(self) -> str:
+        return self.backend
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int = 0, no_repeat_ngram_size: int = 0) -> dict:
+        """-> {'responses': token ids (EOS kept), 'logprobs': raw log-probs of them, 'seconds'}."""
+        t0 = time.perf_counter()
+        responses, logprobs = self.engine.generate(prompts, max_new_tokens, temperature, top_p, seed,
+                                                   no_repeat_ngram_size)
+        return {"responses": responses, "logprobs": logprobs, "seconds": time.perf_counter() - t0}
+
+    def update_weights(self, blob: bytes, version: Optional[int] = None) -> float:
+        """Load the learner's student weights (safetensors bytes); returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.engine.load_weights(blob)
+        self.version = version
+        return time.perf_counter() - t0

@@ -1,0 +1,35 @@
+"""AMMD critics (moment estimators): bounded parametric heads over the vocabulary.
+
+f(s, ·) = c · tanh(head(h(s))) ∈ [−c, c]^|V|, with h(s) the student's last hidden state (detached).
+The bound keeps the sup in the moment-matching distance finite; a shared parametric head (not a
+per-state table) is what separates AMMD from plain TVD (ALGORITHMS.md §1.3, §5.1) [R].
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _head(hidden: int, vocab: int, network: str) -> nn.Module:
+    if network == "linear":
+        layer = nn.Linear(hidden, vocab)
+    elif network == "mlp":  # the "separate small network" option: one hidden layer of its own
+        layer = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, vocab))
+    else:
+        raise ValueError(f"algo.critic_network={network!r}: expected 'linear' or 'mlp'")
+    last = layer if isinstance(layer, nn.Linear) else layer[-1]
+    nn.init.normal_(last.weight, std=0.02)
+    nn.init.zeros_(last.bias)
+    return layer
+
+
+class CriticHeads(nn.Module):
+    """One head per named batch it scores (AMMD: 'on' -> f_on, 'off' -> f_off)."""
+
+    def __init__(self, hidden: int, vocab: int, names: tuple[str, ...], network: str = "linear", bound: float = 1.0):
+        super().__init__()
+        self.heads = nn.ModuleDict({n: _head(hidden, vocab, network) for n in names})
+        self.bound = bound
+
+    def forward(self, name: str, hidden: torch.Tensor) -> torch.Tensor:  # (B, R, H) -> (B, R, V)
+        return self.bound * torch.tanh(self.heads[name](hidden.float()))

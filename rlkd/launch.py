@@ -1,0 +1,231 @@
+"""Composition root: the only module of the core that imports actors/ and learners/.
+
+run(cfg) = prepare data and models (no Ray yet, so bad input fails fast) -> join or start a Ray
+cluster -> start the teacher, rollout and learner groups -> evaluate the starting point -> train ->
+save the student -> evaluate -> write the completion marker last.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from rlkd.algorithms import ROLLOUT, TEACHER_GEN, Method, build_method
+from rlkd.config import Config, to_dict
+from rlkd.data import SHIPPED_DOLLY, DataError, PromptSampler, TokenizedExample, read_examples, split, tokenize
+from rlkd.evaluation import decode, rouge_l
+from rlkd.models import check_model_dir, check_same_tokenizer, embedded_models, load_tokenizer
+from rlkd.outputs import MetricsWriter, make_run_dir, mark_completed, write_json, write_yaml
+
+
+@dataclass
+class Prepared:
+    teacher_dir: Path
+    student_dir: Path
+    tokenizer: object
+    vocab_size: int
+    train: list[TokenizedExample]
+    val: list[TokenizedExample]
+    data_report: str
+    embedded: bool
+
+
+def prepare(cfg: Config, log: Callable = print) -> Prepared:
+    """Data and models, checked before any actor starts. Raises ConfigError / DataError."""
+    from rlkd.pretrain import sft_train
+
+    data_file = Path(cfg.data.train_file).expanduser() if cfg.data.train_file else SHIPPED_DOLLY
+    examples, report = read_examples(data_file, cfg.data.max_rows)
+    log(report.summary())
+    train_ex, val_ex = split(examples, cfg.data.val_size, cfg.data.split_seed)
+    if cfg.model.teacher is None:
+        t = cfg.model.tiny
+
+        def sft(model, tok, steps):
+            data = tokenize(train_ex, tok, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
+            return sft_train(model, data, tok.pad_token_id, len(tok), steps, t.sft_batch_size, t.sft_lr,
+                             cfg.train.seed, log)
+
+        teacher_dir, student_dir = embedded_models(
+            cfg, data_file, lambda: [e.prompt + e.references[0] for e in train_ex], sft, log)
+    else:
+        teacher_dir = check_model_dir(cfg.model.teacher, "teacher")
+        student_dir = check_model_dir(cfg.model.student, "student")
+    vocab = check_same_tokenizer(teacher_dir, student_dir, cfg.model.trust_remote_code)
+    tok = load_tokenizer(student_dir, cfg.model.trust_remote_code)
+    d = cfg.data
+    return Prepared(teacher_dir, student_dir, tok, vocab, tokenize(train_ex, tok, d.max_prompt_tokens, d.max_response_tokens),
+                    tokenize(val_ex, tok, d.max_prompt_tokens, d.max_response_tokens), report.summary(),
+                    cfg.model.teacher is None)
+
+
+def connect_ray(cfg: Config, log: Callable = print) -> bool:
+    """Join RAY_ADDRESS / a running cluster, else start a local one. Returns True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        log(f"ray: joined cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}")
+        return False
+    try:
+        ray.init(address="auto")
+        log("ray: joined the running cluster")
+        return False
+    except ConnectionError:
+        pass
+    num_cpus = cfg.run.num_cpus or os.cpu_count()
+    # small CPU boxes: actors reserve ~1 CPU each and mostly wait on one another, so oversubscribe
+    ray.init(num_cpus=max(num_cpus, 4), include_dashboard=False, _node_ip_address="127.0.0.1")
+    log(f"ray: started a local cluster ({max(num_cpus, 4)} logical CPUs)")
+    return True
+
+
+@dataclass
+class Groups:
+    learners: object
+    rollouts: list
+    teachers: list
+    method: Method
+
+
+def start_groups(cfg: Config, prep: Prepared, log: Callable = print) -> Groups:
+    import ray
+
+    from actors.rollout import RolloutActor
+    from actors.teacher import TeacherActor
+    from learners.group import LearnerGroup
+
+    a, tok = cfg.algo, prep.tokenizer
+    method = build_method(a.method, a.beta, a.pg_coef, a.whiten, a.off_policy)
+    t0 = time.time()
+    env = lambda cpus: {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}}  # noqa: E731
+    teacher_cls = ray.remote(TeacherActor).options(num_cpus=cfg.teacher.num_cpus, runtime_env=env(cfg.teacher.num_cpus))
+    teachers = [teacher_cls.remote(str(prep.teacher_dir), prep.vocab_size, tok.pad_token_id, tok.eos_token_id,
+                                   cfg.teacher.topk, cfg.teacher.temperature, cfg.model.trust_remote_code)
+                for _ in range(cfg.teacher.num_actors)]
+    rollouts = []
+    if ROLLOUT in method.sources.values():  # methods without rollouts start no rollout actors
+        r = cfg.rollout
+        rollout_cls = ray.remote(RolloutActor).options(num_cpus=r.num_cpus, runtime_env=env(r.num_cpus))
+        max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens + 8
+        rollouts = [rollout_cls.remote(str(prep.student_dir), r.backend, tok.pad_token_id, tok.eos_token_id,
+                                       cfg.train.seed + i, r.vllm_memory_fraction, max_len, cfg.model.trust_remote_code)
+                    for i in range(r.num_actors)]
+    lc = cfg.learner
+    learners = LearnerGroup(lc.num_ranks, lc.num_cpus, student_dir=str(prep.student_dir), vocab_size=prep.vocab_size,
+                            zero_stage=lc.zero_stage, student_lr=lc.student_lr, critic_lr=lc.critic_lr,
+                            weight_decay=lc.weight_decay, grad_clip=lc.grad_clip, critic_heads=method.critic_heads,
+                            critic_network=a.critic_network, critic_bound=a.critic_bound, seed=cfg.train.seed,
+                            trust_remote_code=cfg.model.trust_remote_code)
+    ray.get([x.ready.remote() for x in teachers + rollouts])
+    log(f"actors: {len(teachers)} teacher, {len(rollouts)} rollout ({cfg.rollout.backend if rollouts else '-'}), "
+        f"{lc.num_ranks} learner rank(s) ZeRO-{lc.zero_stage}, student {learners.num_params / 1e6:.2f}M params "
+        f"({time.time() - t0:.0f}s)")
+    return Groups(learners, rollouts, teachers, method)
+
+
+def evaluate(cfg: Config, prep: Prepared, model_dir: Optional[Path], teacher_actor=None) -> Optional[float]:
+    """ROUGE-L of sampled responses on the first eval.num_examples held-out prompts."""
+    import ray
+
+    from actors.hf_generate import generate_from_dir
+
+    rows = prep.val[:cfg.eval.num_examples]
+    if not rows:
+        return None
+    prompts, tok = [r.prompt_ids for r in rows], prep.tokenizer
+    args = (prompts, tok.pad_token_id, tok.eos_token_id, cfg.data.max_response_tokens)
+    if teacher_actor is not None:
+        out = ray.get(teacher_actor.generate.remote(*args[:1], args[3], 1.0, 1.0, cfg.eval.seed,
+                                                    cfg.eval.no_repeat_ngram_size))
+        responses = out["responses"]
+    else:
+        task = ray.remote(num_cpus=1)(generate_from_dir)
+        responses = ray.get(task.remote(str(model_dir), *args, cfg.eval.seed, cfg.eval.no_repeat_ngram_size,
+                                        cfg.model.trust_remote_code))
+    return rouge_l(decode(tok, responses), [r.references for r in rows])
+
+
+def _train(cfg: Config, prep: Prepared, groups: Groups, run_dir: Path, log: Callable) -> list[dict]:
+    from rlkd.controller import Controller, StepSettings
+
+    tok, r = prep.tokenizer, cfg.rollout
+    settings = StepSettings(cfg.train.batch_size, cfg.algo.critic_steps, cfg.data.max_response_tokens,
+                            r.temperature, r.top_p, r.sync_every, r.sync_check_tol, tok.pad_token_id, cfg.train.seed)
+    controller = Controller(groups.method, settings, PromptSampler(prep.train, cfg.train.seed), groups.learners,
+                            groups.rollouts, groups.teachers)
+    writer, history, t0 = MetricsWriter(run_dir), [], time.time()
+    try:
+        for step in range(1, cfg.train.steps + 1):
+            m = controller.step(step)
+            writer.write(m)
+            history.append(m)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                log(_progress_line(m, cfg.train.steps, time.time() - t0))
+    finally:
+        writer.close()
+    return history
+
+
+def _progress_line(m: dict, total: int, elapsed: float) -> str:
+    step = int(m["step"])
+    eta = elapsed / step * (total - step)
+    losses = " ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in sorted(m.items())
+                      if k.startswith(("loss/", "ammd/")))
+    return f"step {step}/{total} {losses} tok/s={m['throughput/tokens_per_s']:.0f} eta={eta:.0f}s"
+
+
+def run(cfg: Config, log: Callable = print) -> Path:
+    """Run one distillation job end to end; returns the run directory."""
+    import ray
+
+    t_start = time.time()
+    prep = prepare(cfg, log)
+    method = build_method(cfg.algo.method, cfg.algo.beta, cfg.algo.pg_coef, cfg.algo.whiten, cfg.algo.off_policy)
+    run_dir = make_run_dir(cfg.run.output_dir, cfg.run.name, cfg.algo.method)
+    resolved = to_dict(cfg)
+    resolved["model"].update(teacher=str(prep.teacher_dir), student=str(prep.student_dir))
+    write_yaml(run_dir / "config.yaml", resolved)
+    log(f"run: {method.label} -> {run_dir}")
+    started = connect_ray(cfg, log)
+    groups = None
+    try:
+        groups = start_groups(cfg, prep, log)
+        scores = {"teacher": evaluate(cfg, prep, None, groups.teachers[0]),
+                  "student_before": evaluate(cfg, prep, prep.student_dir)}
+        history = _train(cfg, prep, groups, run_dir, log)
+        final_dir = run_dir / "student"
+        groups.learners.save_student(str(final_dir))
+        prep.tokenizer.save_pretrained(str(final_dir))
+        scores["student_after"] = evaluate(cfg, prep, final_dir)
+    finally:
+        if groups is not None:
+            groups.learners.shutdown()
+        if started:
+            ray.shutdown()
+    summary = _summary(cfg, method, prep, scores, history, time.time() - t_start)
+    write_json(run_dir / "eval.json", summary)
+    mark_completed(run_dir, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": len(history)})
+    log(format_table(summary, run_dir))
+    return run_dir
+
+
+def _summary(cfg, method, prep, scores, history, wall) -> dict:
+    first, last = history[0], history[-1]
+    keys = [k for k in last if k.startswith(("loss/", "ammd/"))]
+    return {"method": method.label, "metric": "rougeL F x100 (rouge_score, stemmed, max over refs)",
+            "num_examples": min(cfg.eval.num_examples, len(prep.val)), "rougeL": scores,
+            "first": {k: first.get(k) for k in keys}, "last": {k: last.get(k) for k in keys},
+            "steps": len(history), "wall_seconds": wall}
+
+
+def format_table(summary: dict, run_dir: Path) -> str:
+    rows = [f"{'model':<16} ROUGE-L ({summary['num_examples']} held-out)"]
+    for name, score in summary["rougeL"].items():
+        rows.append(f"{name:<16} {'-' if score is None else f'{score:.2f}'}")
+    return "\n".join(rows + [f"output: {run_dir}"])

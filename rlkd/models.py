@@ -1,0 +1,151 @@
+"""Model directories: loading and checking HF models, and building the embedded tiny default.
+
+The embedded default needs no network: a byte-level BPE tokenizer is trained on the shipped Dolly
+subset, a tiny Llama teacher and student are built from the config, the teacher (and briefly the
+student) are trained by SFT, and everything is cached under model.cache_dir keyed by a hash of the
+settings that shape it, so a second run reuses it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from rlkd.config import Config, ConfigError, TinyModelConfig
+
+EOS, PAD = "<|endoftext|>", "<|pad|>"
+
+
+def check_model_dir(path: str, role: str) -> Path:
+    """A local HF model directory: exists and holds a config.json (no hub lookups, ever)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ConfigError(f"config field model.{role}={path!r} is invalid: directory not found "
+                          "(expected a local Hugging Face model directory)")
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"config field model.{role}={path!r} is invalid: no config.json in it "
+                          "(expected a local Hugging Face model directory)")
+    return p
+
+
+def quiet_hf() -> None:
+    """No per-file progress bars or info chatter from transformers inside actors."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | Path, trust_remote_code: bool = False, dtype=None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quiet_hf()
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32,
+                                                trust_remote_code=trust_remote_code)
+
+
+def check_same_tokenizer(teacher_dir: str | Path, student_dir: str | Path, trust_remote_code: bool = False) -> int:
+    """Teacher and student must share a vocabulary (embedding sizes may differ by padding rows).
+
+    Returns the tokenizer's vocabulary size, the width every logit tensor is sliced to.
+    """
+    t, s = load_tokenizer(teacher_dir, trust_remote_code), load_tokenizer(student_dir, trust_remote_code)
+    tv, sv = t.get_vocab(), s.get_vocab()
+    if tv != sv or t.eos_token_id != s.eos_token_id:
+        diff = len(set(tv.items()) ^ set(sv.items()))
+        raise ConfigError(f"model.teacher={str(teacher_dir)!r} and model.student={str(student_dir)!r} use "
+                          f"different tokenizers ({len(tv)} vs {len(sv)} tokens, {diff} entries differ, "
+                          f"eos {t.eos_token_id} vs {s.eos_token_id}); distillation needs one shared vocabulary")
+    return len(sv)
+
+
+# ---------------------------------------------------------------------------------------------
+# embedded default
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS, PAD],
+                            show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS,
+                                  pad_token=PAD, unk_token=EOS)
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
+def tiny_llama(tok, hidden: int, layers: int, head_dim: int, max_positions: int, seed: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 16 * 16,
+                      num_hidden_layers=layers, num_attention_heads=hidden // head_dim,
+                      num_key_value_heads=hidden // head_dim, head_dim=head_dim,
+                      max_position_embeddings=max_positions, tie_word_embeddings=False,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(cfg)
+
+
+def _embedded_key(cfg: Config, data_file: Path) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"tiny": cfg.model.tiny.__dict__, "prompt": cfg.data.max_prompt_tokens,
+                         "response": cfg.data.max_response_tokens, "val": cfg.data.val_size,
+                         "split_seed": cfg.data.split_seed, "max_rows": cfg.data.max_rows, "v": 1},
+                        sort_keys=True).encode())
+    h.update(data_file.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def embedded_models(cfg: Config, data_file: Path, train_texts: Callable[[], list[str]],
+                    sft: Callable[..., dict], log=print) -> tuple[Path, Path]:
+    """Build (or reuse from cache) the embedded tokenizer + SFT'd tiny teacher and student.
+
+    `train_texts()` gives the raw training texts for the tokenizer; `sft(model, tok, steps)` trains
+    a model in place and returns its summary. Returns (teacher_dir, student_dir).
+    """
+    root = Path(cfg.model.cache_dir).expanduser() / f"embedded-{_embedded_key(cfg, data_file)}"
+    if (root / "DONE").is_file():
+        log(f"models: reusing cached embedded tokenizer and tiny models in {root}")
+        return root / "teacher", root / "student"
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root.parent))
+    t: TinyModelConfig = cfg.model.tiny
+    t0 = time.time()
+    tok = train_tokenizer(train_texts(), t.vocab_size, tmp / "tokenizer")
+    max_pos = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens + 8
+    summary = {}
+    for role, hidden, layers, steps in (("teacher", t.teacher_hidden, t.teacher_layers, t.teacher_sft_steps),
+                                        ("student", t.student_hidden, t.student_layers, t.student_sft_steps)):
+        model = tiny_llama(tok, hidden, layers, t.head_dim, max_pos, seed=cfg.train.seed + len(role))
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"models: {role}: tiny Llama {layers}x{hidden}, {n_params / 1e6:.2f}M params, SFT {steps} steps")
+        summary[role] = {"params": n_params, **sft(model, tok, steps)}
+        model.save_pretrained(str(tmp / role), safe_serialization=True)
+        tok.save_pretrained(str(tmp / role))
+    (tmp / "embedded.json").write_text(json.dumps(summary, indent=2))
+    (tmp / "DONE").write_text(f"built in {time.time() - t0:.1f}s\n")
+    if root.exists():  # a concurrent run finished first; keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, root)
+    log(f"models: embedded models cached in {root} ({time.time() - t0:.0f}s)")
+    return root / "teacher", root / "student"

@@ -1,0 +1,43 @@
+"""In-process SFT used only to pre-train the embedded tiny teacher and student (no Ray, no DeepSpeed)."""
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import torch
+
+from rlkd import losses
+from rlkd.batch import SequenceBatch
+from rlkd.data import TokenizedExample
+from rlkd.forward import response_forward, token_logprobs
+
+
+def sft_train(model, data: list[TokenizedExample], pad_id: int, vocab_size: int, steps: int,
+              batch_size: int, lr: float, seed: int, log=print) -> dict:
+    """AdamW + cosine decay on the gold responses; returns the first/last loss and the wall time."""
+    if steps == 0:
+        return {"steps": 0}
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    model.train()
+    t0, first, window = time.time(), None, []
+    for step in range(steps):
+        rows = rng.sample(data, min(batch_size, len(data)))
+        batch = SequenceBatch.collate([r.prompt_ids for r in rows], [r.response_ids for r in rows], pad_id)
+        logits, _ = response_forward(model, batch, vocab_size)
+        loss = losses.sft(token_logprobs(logits, batch.responses), batch.response_mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        first = loss.item() if first is None else first
+        window = (window + [loss.item()])[-20:]
+        if (step + 1) % max(1, steps // 5) == 0:
+            log(f"  sft step {step + 1}/{steps} loss {sum(window) / len(window):.3f} ({time.time() - t0:.0f}s)")
+    model.eval()
+    return {"steps": steps, "first_loss": first, "last_loss": sum(window) / len(window),
+            "seconds": time.time() - t0}
