@@ -91,9 +91,8 @@ def _weighted_distances(fwd, ctx, beta: float) -> tuple[torch.Tensor, dict[str, 
 
 def ammd_critic_objective(fwd, ctx: ObjectiveContext, beta: float):
     """Critic (moment estimator) ascent on the weighted distance: loss = −(β d_off + (1−β) d_on)."""
-    total, metrics = _weighted_distances(fwd, ctx, beta)
-    metrics["loss/critic"] = -total.detach()
-    return -total, metrics
+    total, _ = _weighted_distances(fwd, ctx, beta)  # the distances are reported by the policy step
+    return -total, {"loss/critic": -total.detach()}
 
 
 def ammd_policy_objective(fwd, ctx: ObjectiveContext, beta: float, pg_coef: float, whiten_returns: bool):

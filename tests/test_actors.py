@@ -1,0 +1,98 @@
+"""Rollout actor (both backends), teacher top-k scores, and weight sync into the rollout engines."""
+import pytest
+import torch
+
+from actors.rollout import RolloutActor
+from actors.teacher import TeacherActor
+from rlkd.algorithms import sft_objective
+from rlkd.batch import SequenceBatch
+from rlkd.forward import response_forward, token_logprobs
+from rlkd.models import load_model
+
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def rollouts(ray_cluster, tiny_models, tiny_data):
+    tok, _ = tiny_data
+    cls = ray_cluster.remote(RolloutActor).options(num_cpus=1)
+    actors = {b: cls.remote(str(tiny_models[1]), b, tok.pad_token_id, tok.eos_token_id, seed=0,
+                            vllm_memory_fraction=0.03, max_model_len=128) for b in ("hf", "vllm")}
+    ray_cluster.get([a.ready.remote() for a in actors.values()])
+    return actors
+
+
+def _reference_logprobs(model_dir, batch):
+    model = load_model(model_dir).eval()
+    with torch.no_grad():
+        logits, _ = response_forward(model, batch, model.config.vocab_size)
+    return token_logprobs(logits, batch.responses)
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_rollout_returns_ids_masks_and_logprobs(ray_cluster, rollouts, tiny_models, tiny_data, backend):
+    tok, data = tiny_data
+    prompts = [d.prompt_ids for d in data[:6]]
+    out = ray_cluster.get(rollouts[backend].generate.remote(prompts, MAX_NEW, 1.0, 1.0, 3))
+    assert len(out["responses"]) == 6
+    for resp, lp in zip(out["responses"], out["logprobs"]):
+        assert 1 <= len(resp) <= MAX_NEW and len(lp) == len(resp)
+        assert tok.eos_token_id not in resp[:-1]  # cut after the first EOS
+        assert all(x <= 0 for x in lp)
+    batch = SequenceBatch.collate(prompts, out["responses"], tok.pad_token_id, out["logprobs"])
+    assert batch.response_mask.sum() == sum(len(r) for r in out["responses"])
+    # the engine's sampling log-probs are the model's log-probs of the chosen tokens
+    ref = _reference_logprobs(tiny_models[1], batch)
+    gap = ((ref - batch.rollout_logprobs).abs() * batch.response_mask).max().item()
+    assert gap < 1e-3, f"{backend}: rollout log-probs differ from teacher-forced ones by {gap}"
+
+
+def test_teacher_topk_equals_full_on_topk(ray_cluster, tiny_models, tiny_data):
+    tok, data = tiny_data
+    batch = SequenceBatch.collate([d.prompt_ids for d in data[:4]], [d.response_ids for d in data[:4]],
+                                  tok.pad_token_id)
+    cls = ray_cluster.remote(TeacherActor).options(num_cpus=1)
+    full_actor = cls.remote(str(tiny_models[0]), len(tok), tok.pad_token_id, tok.eos_token_id, topk=0)
+    topk_actor = cls.remote(str(tiny_models[0]), len(tok), tok.pad_token_id, tok.eos_token_id, topk=7)
+    full, top = ray_cluster.get([full_actor.score.remote(batch), topk_actor.score.remote(batch)])
+    assert full.index is None and full.logp.shape == (4, batch.responses.shape[1], len(tok))
+    assert top.logp.shape[-1] == 7
+    assert torch.allclose(top.logp, full.logp.gather(-1, top.index), atol=1e-6)
+    assert torch.allclose(top.logp, full.logp.topk(7, -1).values, atol=1e-6)
+    rest = 1 - full.logp.gather(-1, top.index).exp().sum(-1)
+    assert torch.allclose(top.tail.exp(), rest, atol=1e-5)
+    gen = ray_cluster.get(topk_actor.generate.remote([d.prompt_ids for d in data[:3]], 5, 1.0, 1.0, 0))
+    assert len(gen["responses"]) == 3 and all(1 <= len(r) <= 5 for r in gen["responses"])
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_weight_sync_makes_rollout_match_learner(ray_cluster, rollouts, tiny_models, tiny_data, backend):
+    from learners.group import LearnerGroup
+
+    tok, data = tiny_data
+    group = LearnerGroup(1, 1.0, student_dir=str(tiny_models[1]), vocab_size=len(tok), zero_stage=0,
+                         student_lr=5e-2, critic_lr=1e-3, weight_decay=0.0, grad_clip=0.0)
+    try:
+        gold = SequenceBatch.collate([d.prompt_ids for d in data[:8]], [d.response_ids for d in data[:8]],
+                                     tok.pad_token_id)
+        group.load_batch([{"gold": gold}], [{}], {"gold": float(gold.num_tokens())})
+        for _ in range(3):  # move the learner's weights far from the rollout engine's
+            group.train(sft_objective, "student")
+        actor = rollouts[backend]
+        ray_cluster.get(actor.update_weights.remote(group.student_weights_ref()))
+        prompts = [d.prompt_ids for d in data[20:26]]
+        out = ray_cluster.get(actor.generate.remote(prompts, MAX_NEW, 1.0, 1.0, 11))
+        batch = SequenceBatch.collate(prompts, out["responses"], tok.pad_token_id, out["logprobs"])
+        learner = group.logprobs(batch)
+        mask = batch.response_mask
+        gap = ((learner - batch.rollout_logprobs).abs() * mask).sum() / mask.sum()
+        before = ((_reference_logprobs(tiny_models[1], batch) - learner).abs() * mask).sum() / mask.sum()
+        assert gap < 1e-3, f"{backend}: after sync, rollout and learner log-probs differ by {gap:.5f}"
+        assert before > 100 * max(gap, 1e-6), "the update did not change the weights enough to test the sync"
+    finally:
+        group.shutdown()
+        # put the initial weights back for other tests using the shared rollout actors
+        from safetensors.torch import save
+
+        state = {k: v.contiguous() for k, v in load_model(tiny_models[1]).state_dict().items()}
+        ray_cluster.get(rollouts[backend].update_weights.remote(save(state)))

@@ -1,0 +1,207 @@
+"""Every loss against a brute-force loop over a tiny vocabulary: values and gradients."""
+import math
+
+import pytest
+import torch
+
+from rlkd import losses
+from rlkd.advantages import future_returns, whiten
+from rlkd.algorithms import ObjectiveContext, ammd_critic_objective, ammd_policy_objective, build_method
+from rlkd.batch import StudentForward, TeacherScores
+
+B, R, V = 2, 3, 5
+torch.manual_seed(0)
+
+
+def _data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s_logits = torch.randn(B, R, V, generator=g, dtype=torch.float64, requires_grad=True)
+    t_logp = torch.log_softmax(torch.randn(B, R, V, generator=g, dtype=torch.float64), -1)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=torch.float64)
+    return s_logits, t_logp, mask
+
+
+def _brute(per_token_fn, s_logits, t_logp, mask):
+    """Σ over masked tokens of per_token_fn(p_list, q_list) / #tokens, with explicit loops."""
+    total, n = 0.0, 0
+    q_all = torch.softmax(s_logits, -1)
+    for b in range(B):
+        for t in range(R):
+            if mask[b, t] == 0:
+                continue
+            p = [math.exp(t_logp[b, t, a].item()) for a in range(V)]
+            q = [q_all[b, t, a] for a in range(V)]
+            total = total + per_token_fn(p, q)
+            n += 1
+    return total / n
+
+
+CASES = {
+    "forward_kl": (losses.forward_kl, lambda p, q: sum(p[a] * (math.log(p[a]) - torch.log(q[a])) for a in range(V))),
+    "reverse_kl": (losses.reverse_kl, lambda p, q: sum(q[a] * (torch.log(q[a]) - math.log(p[a])) for a in range(V))),
+    "total_variation": (losses.total_variation, lambda p, q: 0.5 * sum(abs(p[a] - q[a]) for a in range(V))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_divergence_matches_brute_force(name):
+    fn, per_token = CASES[name]
+    s_logits, t_logp, mask = _data()
+    got = fn(torch.log_softmax(s_logits, -1), t_logp, mask)
+    (g_got,) = torch.autograd.grad(got, s_logits)
+    ref = _brute(per_token, s_logits, t_logp, mask)
+    (g_ref,) = torch.autograd.grad(ref, s_logits)
+    assert torch.allclose(got, ref, atol=1e-10)
+    assert torch.allclose(g_got, g_ref, atol=1e-10)
+
+
+def test_sft_is_gold_token_cross_entropy():
+    s_logits, _, mask = _data()
+    targets = torch.tensor([[0, 4, 2], [1, 1, 3]])
+    logp = torch.log_softmax(s_logits, -1)
+    got = losses.sft(logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1), mask)
+    ref = sum(-logp[b, t, targets[b, t]] for b in range(B) for t in range(R) if mask[b, t]) / mask.sum()
+    assert torch.allclose(got, ref)
+    g1 = torch.autograd.grad(got, s_logits, retain_graph=True)[0]
+    g2 = torch.autograd.grad(ref, s_logits)[0]
+    assert torch.allclose(g1, g2)
+
+
+def test_moment_distance_is_hand_computed_sum():
+    """AMMD's distance equals Σ_a (p − q)(a)·f(a), token-averaged; gradients match too."""
+    s_logits, t_logp, mask = _data()
+    f = torch.empty(B, R, V, dtype=torch.float64).uniform_(-1, 1).requires_grad_()
+    got = losses.moment_distance(torch.log_softmax(s_logits, -1), t_logp, f, mask)
+    q_all = torch.softmax(s_logits, -1)
+    total, n = 0.0, 0
+    for b in range(B):
+        for t in range(R):
+            if mask[b, t]:
+                total = total + sum((t_logp[b, t, a].exp() - q_all[b, t, a]) * f[b, t, a] for a in range(V))
+                n += 1
+    ref = total / n
+    assert torch.allclose(got, ref, atol=1e-12)
+    for x in (s_logits, f):
+        assert torch.allclose(torch.autograd.grad(got, x, retain_graph=True)[0],
+                              torch.autograd.grad(ref, x, retain_graph=True)[0], atol=1e-12)
+
+
+def test_moment_distance_sup_over_bounded_critic_is_2c_tv():
+    """With f free per state and |f| <= c, the sup equals 2c·TV (ALGORITHMS.md §1.3)."""
+    s_logits, t_logp, mask = _data()
+    s_logp = torch.log_softmax(s_logits, -1).detach()
+    c = 0.7
+    f_star = c * torch.sign(t_logp.exp() - s_logp.exp())
+    d = losses.moment_distance(s_logp, t_logp, f_star, mask)
+    assert torch.allclose(d, 2 * c * losses.total_variation(s_logp, t_logp, mask))
+
+
+def test_topk_support_is_exact_coarsened_divergence():
+    s_logits, t_logp, mask = _data()
+    k = 2
+    vals, idx = t_logp.topk(k, -1)
+    tail = torch.logsumexp(t_logp.scatter(-1, idx, float("-inf")), -1)
+    s_logp = torch.log_softmax(s_logits, -1)
+    s, t = losses.on_support(s_logp, TeacherScores(vals, idx, tail))
+    got = losses.forward_kl(s, t, mask)
+
+    def coarse(p, q, b, tt):
+        keep = idx[b, tt].tolist()
+        pk = [p[a] for a in keep] + [1 - sum(p[a] for a in keep)]
+        qk = [q[a] for a in keep] + [1 - sum(q[a] for a in keep)]
+        return sum(pk[i] * (math.log(pk[i]) - torch.log(qk[i])) for i in range(k + 1))
+
+    total, n = 0.0, 0
+    q_all = torch.softmax(s_logits, -1)
+    for b in range(B):
+        for tt in range(R):
+            if mask[b, tt]:
+                total = total + coarse([t_logp[b, tt, a].exp().item() for a in range(V)], q_all[b, tt], b, tt)
+                n += 1
+    ref = total / n
+    assert torch.allclose(got, ref, atol=1e-9)
+    assert torch.allclose(torch.autograd.grad(got, s_logits)[0], torch.autograd.grad(ref, s_logits)[0], atol=1e-9)
+
+
+def test_full_vocab_topk_equals_full():
+    s_logits, t_logp, mask = _data()
+    s_logp = torch.log_softmax(s_logits, -1)
+    vals, idx = t_logp.topk(V, -1)
+    tail = torch.full(vals.shape[:-1], -1e30, dtype=vals.dtype)
+    s, t = losses.on_support(s_logp, TeacherScores(vals, idx, tail), with_tail=False)
+    assert torch.allclose(losses.reverse_kl(s, t, mask), losses.reverse_kl(s_logp, t_logp, mask))
+
+
+def test_future_returns_brute_force():
+    r = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 2.0, 9.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
+    got = future_returns(r, m, gamma=0.9, include_current=False, length_normalize=True)
+    for b in range(2):
+        n = int(m[b].sum())
+        for t in range(n):
+            terms = [0.9 ** (j - t - 1) * r[b, j].item() for j in range(t + 1, n)]
+            assert got[b, t].item() == pytest.approx(sum(terms) / max(1, len(terms)))
+        assert got[b, n:].abs().sum() == 0
+    inc = future_returns(r, m, gamma=1.0, include_current=True, length_normalize=False)
+    assert inc[0, 0].item() == pytest.approx(10.0) and inc[1, 0].item() == pytest.approx(1.5)
+
+
+def test_whiten_uses_global_stats_across_ranks():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]])
+    m = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    full = whiten(x, m)
+    vals = x[m.bool()]
+    assert torch.allclose(full[m.bool()], (vals - vals.mean()) / vals.std(unbiased=False), atol=1e-5)
+    # two "ranks" holding one row each, stats summed by all_reduce -> same result
+    parts = [(x[:1], m[:1]), (x[1:], m[1:])]
+    stats = [torch.stack([(a * b).sum(), (a.square() * b).sum(), b.sum()]) for a, b in parts]
+    total = stats[0] + stats[1]
+    sharded = torch.cat([whiten(a, b, all_reduce=lambda s: total) for a, b in parts])
+    assert torch.allclose(sharded, full)
+
+
+def _fwd(seed, with_rollout):
+    s_logits, t_logp, mask = _data(seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    critic = torch.empty(B, R, V, dtype=torch.float64).uniform_(-1, 1, generator=g).requires_grad_()
+    targets = torch.randint(0, V, (B, R), generator=g)
+    logp = torch.log_softmax(s_logits, -1)
+    return StudentForward(logp, targets, mask, TeacherScores(t_logp), critic), s_logits
+
+
+def test_ammd_objectives_against_hand_formula():
+    beta = 0.3
+    on, s_on = _fwd(1, True)
+    off, s_off = _fwd(2, False)
+    ctx = ObjectiveContext({"on": on.mask.sum().item(), "off": off.mask.sum().item()})
+    critic_loss, m = ammd_critic_objective({"on": on, "off": off}, ctx, beta=beta)
+
+    def d(f):
+        q = f.logp.exp()
+        return (((f.teacher.logp.exp() - q) * f.critic).sum(-1) * f.mask).sum() / f.mask.sum()
+
+    assert torch.allclose(critic_loss, -(beta * d(off) + (1 - beta) * d(on)))
+    assert m["loss/critic"].item() == pytest.approx(critic_loss.item())
+    policy, pm = ammd_policy_objective({"on": on, "off": off}, ctx, beta=beta, pg_coef=1.0, whiten_returns=False)
+    gaps = ((on.teacher.logp.exp() - on.logp.exp()) * on.critic).sum(-1).detach()
+    adv = torch.zeros_like(gaps)
+    for b in range(B):
+        n = int(on.mask[b].sum())
+        for t in range(n):
+            future = [-gaps[b, j] for j in range(t + 1, n)]
+            adv[b, t] = sum(future) / max(1, len(future)) if future else 0.0
+    pg = -(adv * on.token_logp * on.mask).sum() / on.mask.sum()
+    ref = beta * d(off) + (1 - beta) * (d(on) + pg)
+    assert torch.allclose(policy, ref)
+    assert pm["ammd/d_on"].item() == pytest.approx(d(on).item())
+    for x in (s_on, s_off):
+        assert torch.allclose(torch.autograd.grad(policy, x, retain_graph=True)[0],
+                              torch.autograd.grad(ref, x, retain_graph=True)[0])
+
+
+def test_ammd_beta_extremes_drop_unused_batches():
+    assert set(build_method("ammd", beta=0.0).sources) == {"on"}
+    assert set(build_method("ammd", beta=1.0).sources) == {"off"}
+    assert build_method("ammd", off_policy="gold").label == "ammd (gold off-policy data)"
+    with pytest.raises(ValueError, match="valid methods"):
+        build_method("nope")
