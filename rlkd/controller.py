@@ -23,6 +23,7 @@ from rlkd.data import PromptSampler, TokenizedExample
 class StepSettings:
     batch_size: int  # global prompts per step
     critic_steps: int  # K
+    critic_warmup_steps: int  # first steps that train only the critic
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -120,6 +121,8 @@ class Controller:
                 for k in range(self.s.critic_steps):
                     metrics.update(self.learners.train(self.method.critic_objective, "critic", check and k == 0))
                     check = check and k > 0
+        if self.method.critic_objective is not None and step <= self.s.critic_warmup_steps:
+            return self._finish(step, metrics, timings, n_tokens, t_start)  # student frozen: nothing to sync
         with phase("policy"):
             metrics.update(self.learners.train(self.method.policy_objective, "student", check))
         self.synced = False
@@ -127,6 +130,9 @@ class Controller:
             with phase("sync"):
                 self._sync()
             self.synced = True
+        return self._finish(step, metrics, timings, n_tokens, t_start)
+
+    def _finish(self, step: int, metrics: dict, timings: dict, n_tokens: dict, t_start: float) -> dict:
         self._check_sync(metrics, step)
         elapsed = time.perf_counter() - t_start
         trained = sum(n_tokens.values())

@@ -141,16 +141,15 @@ def evaluate(cfg: Config, prep: Prepared, model_dir: Optional[Path], teacher_act
     rows = prep.val[:cfg.eval.num_examples]
     if not rows:
         return None
-    prompts, tok = [r.prompt_ids for r in rows], prep.tokenizer
-    args = (prompts, tok.pad_token_id, tok.eos_token_id, cfg.data.max_response_tokens)
+    prompts, tok, e = [r.prompt_ids for r in rows], prep.tokenizer, cfg.eval
+    max_new = cfg.data.max_response_tokens
     if teacher_actor is not None:
-        out = ray.get(teacher_actor.generate.remote(*args[:1], args[3], 1.0, 1.0, cfg.eval.seed,
-                                                    cfg.eval.no_repeat_ngram_size))
-        responses = out["responses"]
+        out = teacher_actor.generate.remote(prompts, max_new, 1.0, 1.0, e.seed, e.no_repeat_ngram_size)
+        responses = ray.get(out)["responses"]
     else:
         task = ray.remote(num_cpus=1)(generate_from_dir)
-        responses = ray.get(task.remote(str(model_dir), *args, cfg.eval.seed, cfg.eval.no_repeat_ngram_size,
-                                        cfg.model.trust_remote_code))
+        responses = ray.get(task.remote(str(model_dir), prompts, tok.pad_token_id, tok.eos_token_id, max_new,
+                                        e.seed, e.no_repeat_ngram_size, cfg.model.trust_remote_code))
     return rouge_l(decode(tok, responses), [r.references for r in rows])
 
 
@@ -158,7 +157,8 @@ def _train(cfg: Config, prep: Prepared, groups: Groups, run_dir: Path, log: Call
     from rlkd.controller import Controller, StepSettings
 
     tok, r = prep.tokenizer, cfg.rollout
-    settings = StepSettings(cfg.train.batch_size, cfg.algo.critic_steps, cfg.data.max_response_tokens,
+    settings = StepSettings(cfg.train.batch_size, cfg.algo.critic_steps, cfg.algo.critic_warmup_steps,
+                            cfg.data.max_response_tokens,
                             r.temperature, r.top_p, r.sync_every, r.sync_check_tol, tok.pad_token_id, cfg.train.seed)
     controller = Controller(groups.method, settings, PromptSampler(prep.train, cfg.train.seed), groups.learners,
                             groups.rollouts, groups.teachers)
@@ -219,7 +219,8 @@ def run(cfg: Config, log: Callable = print) -> Path:
 
 
 def _summary(cfg, method, prep, scores, history, wall) -> dict:
-    first, last = history[0], history[-1]
+    trained = [m for m in history if "loss/policy" in m or "loss/" + method.name in m] or history
+    first, last = trained[0], trained[-1]
     keys = [k for k in last if k.startswith(("loss/", "ammd/"))]
     return {"method": method.label, "metric": "rougeL F x100 (rouge_score, stemmed, max over refs)",
             "num_examples": min(cfg.eval.num_examples, len(prep.val)), "rougeL": scores,

@@ -12,14 +12,16 @@ import sys
 from rlkd.config import Config, ConfigError, field_docs, load_config
 
 
-def _config_help(cls=Config, prefix: str = "") -> list[str]:
-    lines, docs = [], field_docs(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.type if isinstance(f.type, type) else None) or f.name in (
-                "model", "data", "rollout", "teacher", "learner", "algo", "train", "eval", "run", "tiny"):
-            lines += _config_help(type(getattr(cls(), f.name)), prefix + f.name + ".")
+def _config_help(obj=None, prefix: str = "") -> list[str]:
+    """Every field with its default and docstring, walking nested sections."""
+    obj = Config() if obj is None else obj
+    lines, docs = [], field_docs(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += _config_help(value, prefix + f.name + ".")
         else:
-            lines.append(f"  {prefix}{f.name} = {getattr(cls(), f.name)!r}\n      {docs.get(f.name, '')}")
+            lines.append(f"  {prefix}{f.name} = {value!r}\n      {docs.get(f.name, '')}")
     return lines
 
 

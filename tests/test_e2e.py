@@ -15,7 +15,7 @@ from rlkd.outputs import COMPLETED
 def smoke_run(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     cfg = load_config("configs/smoke.yaml", [f"run.output_dir={root}", f"model.cache_dir={root / 'cache'}",
-                                             "train.steps=8", "run.name=smoke"])
+                                             "run.name=smoke"])
     return cfg, run(cfg)
 
 
@@ -34,7 +34,9 @@ def test_losses_finite_and_phases_timed(smoke_run):
     cfg, run_dir = smoke_run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, cfg.train.steps + 1))
-    for r in rows:
+    warmup = cfg.algo.critic_warmup_steps
+    assert all("loss/policy" not in r for r in rows[:warmup])  # critic warm-up: student frozen
+    for r in rows[warmup:]:
         for k in ("loss/critic", "loss/policy", "loss/pg", "ammd/d_on", "ammd/d_off"):
             assert math.isfinite(r[k]), (k, r)
         for phase in ("rollout", "teacher_gen", "score", "critic", "policy", "sync"):
@@ -52,8 +54,9 @@ def test_student_changed_and_reloads(smoke_run):
 
 
 def test_ammd_distance_went_down(smoke_run):
-    """The moment-matching distance measured by the policy step falls over training."""
+    """After the critic warm-up, the moment-matching distance the policy step measures falls."""
     _, run_dir = smoke_run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "ammd/d_on" in r]
     d = [0.5 * r["ammd/d_on"] + 0.5 * r["ammd/d_off"] for r in rows]
-    assert sum(d[-2:]) / 2 < sum(d[:2]) / 2, d
+    assert d[-1] < d[0], d
