@@ -60,3 +60,17 @@ def test_ammd_distance_went_down(smoke_run):
     rows = [r for r in rows if "ammd/d_on" in r]
     d = [0.5 * r["ammd/d_on"] + 0.5 * r["ammd/d_off"] for r in rows]
     assert d[-1] < d[0], d
+
+
+@pytest.mark.parametrize("method", ["sft", "fkl", "rkl"])
+def test_baselines_run_through_the_same_pipeline(ray_cluster, smoke_run, method):
+    cfg, first_run = smoke_run
+    cfg = load_config("configs/smoke.yaml", [f"run.output_dir={first_run.parent}", f"model.cache_dir={cfg.model.cache_dir}",
+                                             f"run.name={method}", f"algo.method={method}", "train.steps=4",
+                                             "algo.critic_warmup_steps=0", "eval.num_examples=0"])
+    run_dir = run(cfg)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r[f"loss/{method}"] for r in rows]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    assert "timing/rollout" not in rows[0]  # gold-data methods start no rollout actors
+    assert (run_dir / COMPLETED).exists()
