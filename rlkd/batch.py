@@ -84,6 +84,11 @@ class TeacherScores:
         return _shard(self, n)
 
 
+def shard_named(named: dict, n: int) -> list[dict]:
+    """{'on': batch, 'off': batch} -> n dicts of the same names holding rank i's rows."""
+    return [dict(zip(named, parts)) for parts in zip(*(v.shard(n) for v in named.values()))]
+
+
 def _select(obj, rows):
     return replace(obj, **{f.name: getattr(obj, f.name)[rows] for f in fields(obj)
                            if isinstance(getattr(obj, f.name), torch.Tensor)})

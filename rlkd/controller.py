@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import ray
 
 from rlkd.algorithms import GOLD, ROLLOUT, TEACHER_GEN, Method
-from rlkd.batch import SequenceBatch
+from rlkd.batch import SequenceBatch, shard_named
 from rlkd.data import PromptSampler, TokenizedExample
 
 
@@ -109,8 +109,7 @@ class Controller:
             elif source == GOLD:
                 batches[name] = SequenceBatch.collate([r.prompt_ids for r in rows], [r.response_ids for r in rows],
                                                       self.s.pad_id)
-        n = self.learners.size
-        shards = [dict(zip(batches, parts)) for parts in zip(*(b.shard(n) for b in batches.values()))]
+        shards = shard_named(batches, self.learners.size)
         n_tokens = {name: float(b.num_tokens()) for name, b in batches.items()}
         with phase("score"):
             teacher_refs = self._score(shards)

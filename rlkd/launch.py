@@ -6,16 +6,15 @@ save the student -> evaluate -> write the completion marker last.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from rlkd.algorithms import ROLLOUT, TEACHER_GEN, Method, build_method
+from rlkd.algorithms import ROLLOUT, Method, build_method
 from rlkd.config import Config, to_dict
-from rlkd.data import SHIPPED_DOLLY, DataError, PromptSampler, TokenizedExample, read_examples, split, tokenize
+from rlkd.data import SHIPPED_DOLLY, PromptSampler, TokenizedExample, read_examples, split, tokenize
 from rlkd.evaluation import decode, rouge_l
 from rlkd.models import check_model_dir, check_same_tokenizer, embedded_models, load_tokenizer
 from rlkd.outputs import MetricsWriter, make_run_dir, mark_completed, write_json, write_yaml
@@ -44,8 +43,12 @@ def prepare(cfg: Config, log: Callable = print) -> Prepared:
     if cfg.model.teacher is None:
         t = cfg.model.tiny
 
+        tokenized: dict = {}  # the tokenizer is built inside embedded_models; tokenize once for both models
+
         def sft(model, tok, steps):
-            data = tokenize(train_ex, tok, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
+            if "train" not in tokenized:
+                tokenized["train"] = tokenize(train_ex, tok, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
+            data = tokenized["train"]
             return sft_train(model, data, tok.pad_token_id, len(tok), steps, t.sft_batch_size, t.sft_lr,
                              cfg.train.seed, log)
 
@@ -93,7 +96,7 @@ class Groups:
     method: Method
 
 
-def start_groups(cfg: Config, prep: Prepared, log: Callable = print) -> Groups:
+def start_groups(cfg: Config, prep: Prepared, method: Method, log: Callable = print) -> Groups:
     import ray
 
     from actors.rollout import RolloutActor
@@ -101,7 +104,6 @@ def start_groups(cfg: Config, prep: Prepared, log: Callable = print) -> Groups:
     from learners.group import LearnerGroup
 
     a, tok = cfg.algo, prep.tokenizer
-    method = build_method(a.method, a.beta, a.pg_coef, a.whiten, a.off_policy)
     t0 = time.time()
     env = lambda cpus: {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}}  # noqa: E731
     teacher_cls = ray.remote(TeacherActor).options(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus,
@@ -198,7 +200,7 @@ def run(cfg: Config, log: Callable = print) -> Path:
     started = connect_ray(cfg, log)
     groups = None
     try:
-        groups = start_groups(cfg, prep, log)
+        groups = start_groups(cfg, prep, method, log)
         scores = {"teacher": evaluate(cfg, prep, None, groups.teachers[0]),
                   "student_before": evaluate(cfg, prep, prep.student_dir)}
         history = _train(cfg, prep, groups, run_dir, log)

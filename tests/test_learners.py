@@ -4,7 +4,7 @@ import torch
 
 from learners.group import LearnerGroup
 from rlkd.algorithms import build_method, fkl_objective
-from rlkd.batch import SequenceBatch, TeacherScores
+from rlkd.batch import SequenceBatch, TeacherScores, shard_named
 from rlkd.forward import response_forward
 from rlkd.models import load_model
 
@@ -29,11 +29,8 @@ def _group(tiny_models, tok, ranks, stage, heads=("on", "off")):
 
 
 def _load(group, batches, scores):
-    n = group.size
-    names = list(batches)
-    shards = [dict(zip(names, parts)) for parts in zip(*(batches[k].shard(n) for k in names))]
-    teacher = [dict(zip(names, parts)) for parts in zip(*(scores[k].shard(n) for k in names))]
-    group.load_batch(shards, teacher, {k: float(b.num_tokens()) for k, b in batches.items()})
+    group.load_batch(shard_named(batches, group.size), shard_named(scores, group.size),
+                     {k: float(b.num_tokens()) for k, b in batches.items()})
 
 
 def _ammd_steps(group, batches, scores, steps=2):
