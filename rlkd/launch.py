@@ -60,8 +60,9 @@ def prepare(cfg: Config, log: Callable = print) -> Prepared:
     vocab = check_same_tokenizer(teacher_dir, student_dir, cfg.model.trust_remote_code)
     tok = load_tokenizer(student_dir, cfg.model.trust_remote_code)
     d = cfg.data
-    return Prepared(teacher_dir, student_dir, tok, vocab, tokenize(train_ex, tok, d.max_prompt_tokens, d.max_response_tokens),
-                    tokenize(val_ex, tok, d.max_prompt_tokens, d.max_response_tokens), report.summary(),
+    train_tok = tokenize(train_ex, tok, d.max_prompt_tokens, d.max_response_tokens)
+    val_tok = tokenize(val_ex, tok, d.max_prompt_tokens, d.max_response_tokens)
+    return Prepared(teacher_dir, student_dir, tok, vocab, train_tok, val_tok, report.summary(),
                     cfg.model.teacher is None)
 
 
@@ -122,9 +123,10 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, log: Callable = pr
                                        cfg.model.trust_remote_code)
                     for i in range(r.num_actors)]
     lc = cfg.learner
-    learners = LearnerGroup(lc.num_ranks, lc.num_cpus, lc.num_gpus, student_dir=str(prep.student_dir), vocab_size=prep.vocab_size,
-                            zero_stage=lc.zero_stage, student_lr=lc.student_lr, critic_lr=lc.critic_lr,
-                            weight_decay=lc.weight_decay, grad_clip=lc.grad_clip, critic_heads=method.critic_heads,
+    learners = LearnerGroup(lc.num_ranks, lc.num_cpus, lc.num_gpus, student_dir=str(prep.student_dir),
+                            vocab_size=prep.vocab_size, zero_stage=lc.zero_stage, student_lr=lc.student_lr,
+                            critic_lr=lc.critic_lr, weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
+                            critic_heads=method.critic_heads,
                             critic_network=a.critic_network, critic_bound=a.critic_bound, seed=cfg.train.seed,
                             trust_remote_code=cfg.model.trust_remote_code)
     ray.get([x.ready.remote() for x in teachers + rollouts])
@@ -221,8 +223,8 @@ def run(cfg: Config, log: Callable = print) -> Path:
 
 
 def _summary(cfg, method, prep, scores, history, wall) -> dict:
-    trained = [m for m in history if "loss/policy" in m or "loss/" + method.name in m] or history
-    first, last = trained[0], trained[-1]
+    warmup = cfg.algo.critic_warmup_steps if method.critic_objective is not None else 0
+    first, last = history[warmup], history[-1]  # warm-up steps train only the critic
     keys = [k for k in last if k.startswith(("loss/", "ammd/"))]
     return {"method": method.label, "metric": "rougeL F x100 (rouge_score, stemmed, max over refs)",
             "num_examples": min(cfg.eval.num_examples, len(prep.val)), "rougeL": scores,

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from rlkd.config import load_config
 from rlkd.launch import run
@@ -46,8 +47,7 @@ def test_losses_finite_and_phases_timed(smoke_run):
 
 def test_student_changed_and_reloads(smoke_run):
     cfg, run_dir = smoke_run
-    resolved = (run_dir / "config.yaml").read_text()
-    init_dir = next(line.split(": ", 1)[1] for line in resolved.splitlines() if line.strip().startswith("student: /"))
+    init_dir = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["student"]
     before, after = load_model(init_dir).state_dict(), load_model(run_dir / "student").state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) == len(before), f"unchanged parameters: {set(before) - set(changed)}"
@@ -65,7 +65,8 @@ def test_ammd_distance_went_down(smoke_run):
 @pytest.mark.parametrize("method", ["sft", "fkl", "rkl"])
 def test_baselines_run_through_the_same_pipeline(ray_cluster, smoke_run, method):
     cfg, first_run = smoke_run
-    cfg = load_config("configs/smoke.yaml", [f"run.output_dir={first_run.parent}", f"model.cache_dir={cfg.model.cache_dir}",
+    cfg = load_config("configs/smoke.yaml", [f"run.output_dir={first_run.parent}",
+                                             f"model.cache_dir={cfg.model.cache_dir}",
                                              f"run.name={method}", f"algo.method={method}", "train.steps=4",
                                              "algo.critic_warmup_steps=0", "eval.num_examples=0"])
     run_dir = run(cfg)
