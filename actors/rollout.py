@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Optional
 
 
 class _HFEngine:
@@ -75,7 +74,7 @@ class RolloutActor:
 
     def __init__(self, model_dir: str, backend: str, pad_id: int, eos_id: int, seed: int = 0,
                  vllm_memory_fraction: float = 0.5, vllm_cpu_kv_cache_gib: float = 0.25, max_model_len: int = 512,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, mix_teacher_dir: str | None = None):
         import torch
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -87,6 +86,14 @@ class RolloutActor:
         else:
             raise ValueError(f"rollout.backend={backend!r}: expected 'hf' or 'vllm'")
         self.backend = backend
+        self.mix_teacher = None
+        if mix_teacher_dir is not None:  # MiniLLM teacher-mixed sampling: both models in one token loop
+            if backend != "hf":
+                raise ValueError("teacher-mixed sampling needs rollout.backend='hf' (vLLM runs one model per engine)")
+            from rlkd.models import load_model
+
+            self.mix_teacher = load_model(mix_teacher_dir, trust_remote_code).eval()
+            self.pad_id, self.eos_id = pad_id, eos_id
 
     def ready(self) -> str:
         return self.backend
@@ -99,7 +106,22 @@ class RolloutActor:
                                                    no_repeat_ngram_size)
         return {"responses": responses, "logprobs": logprobs, "seconds": time.perf_counter() - t0}
 
-    def update_weights(self, blob: bytes, version: Optional[int] = None) -> float:
+    def generate_mixed(self, prompts: list[list[int]], max_new_tokens: int, alpha: float, vocab_size: int,
+                       temperature: float = 1.0, seed: int = 0) -> dict:
+        """Tokens drawn from alpha*teacher + (1-alpha)*student; also returns 'behavior_logprobs', the
+        log-probs of the chosen tokens under that mixture (for the importance weights)."""
+        from actors.mixed_generate import mixed_generate
+
+        if self.mix_teacher is None:
+            raise RuntimeError("this rollout actor was started without mix_teacher_dir")
+        t0 = time.perf_counter()
+        responses, logprobs, behavior = mixed_generate(self.engine.model, self.mix_teacher, prompts, self.pad_id,
+                                                       self.eos_id, vocab_size, max_new_tokens, alpha, temperature,
+                                                       seed)
+        return {"responses": responses, "logprobs": logprobs, "behavior_logprobs": behavior,
+                "seconds": time.perf_counter() - t0}
+
+    def update_weights(self, blob: bytes, version: int | None = None) -> float:
         """Load the learner's student weights (safetensors bytes); returns the seconds it took."""
         t0 = time.perf_counter()
         self.engine.load_weights(blob)

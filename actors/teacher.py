@@ -33,15 +33,19 @@ class TeacherActor:
         return True
 
     @torch.no_grad()
-    def score(self, batch: SequenceBatch) -> TeacherScores:
-        """Teacher log-probs at every response position, teacher temperature applied in rlkd."""
+    def score(self, batch: SequenceBatch, with_hidden: bool = False) -> TeacherScores:
+        """Teacher log-probs at every response position (teacher temperature applied in rlkd), the
+        log-prob of each response token, and optionally the last hidden state (AMMD teacher critic)."""
         from rlkd.forward import response_forward
 
-        logits, _ = response_forward(self.model, _to(batch, self.device), self.vocab_size)
+        logits, hidden = response_forward(self.model, _to(batch, self.device), self.vocab_size, with_hidden)
         logp = torch.log_softmax(logits.float() / self.temperature, -1).cpu()
+        token_logp = logp.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1)
+        hidden = hidden.float().cpu() if with_hidden else None
         if self.topk and self.topk < self.vocab_size:
-            return topk_with_tail(logp, self.topk)
-        return TeacherScores(logp)
+            top = topk_with_tail(logp, self.topk)
+            return TeacherScores(top.logp, top.index, top.tail, token_logp, hidden)
+        return TeacherScores(logp, token_logp=token_logp, hidden=hidden)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 0, no_repeat_ngram_size: int = 0) -> dict:

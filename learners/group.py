@@ -5,7 +5,7 @@ reserved in one placement group (PACK), so a Tune trial or a busy cluster cannot
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -35,13 +35,19 @@ class LearnerGroup:
         return len(self.workers)
 
     def load_batch(self, shards: list[dict[str, SequenceBatch]], teacher_refs: list[dict],
-                   n_tokens: dict[str, float]) -> None:
+                   n_tokens: dict[str, float], snapshot_old_logp: bool = False) -> None:
         """Give rank i its shard; teacher scores go as ObjectRefs straight from the teacher actors."""
-        ray.get([w.load_batch.remote(s, t, n_tokens) for w, s, t in zip(self.workers, shards, teacher_refs)])
+        ray.get([w.load_batch.remote(s, t, n_tokens, snapshot_old_logp)
+                 for w, s, t in zip(self.workers, shards, teacher_refs)])
 
-    def train(self, objective: Callable, target: str, check_sync: bool = False) -> dict[str, float]:
-        """One step of `target` on every rank; returns the global metrics (identical on all ranks)."""
-        return ray.get([w.train.remote(objective, target, check_sync) for w in self.workers])[0]
+    def train(self, objective: Callable, targets: str | tuple[str, ...] = "student",
+              check_sync: bool = False) -> dict[str, float]:
+        """One step of the target(s) on every rank; returns the global metrics (identical on all ranks)."""
+        return ray.get([w.train.remote(objective, targets, check_sync) for w in self.workers])[0]
+
+    def evaluate(self, objective: Callable) -> dict[str, float]:
+        """The objective's global metrics on the loaded batch, no update."""
+        return ray.get([w.evaluate.remote(objective) for w in self.workers])[0]
 
     def student_weights_ref(self) -> ray.ObjectRef:
         """An object ref to rank 0's safetensors bytes of the full student."""
@@ -51,6 +57,12 @@ class LearnerGroup:
 
     def save_student(self, out_dir: str) -> None:
         ray.get([w.save_student.remote(out_dir) for w in self.workers])
+
+    def save_adapted_teacher(self, out_dir: str) -> None:
+        ray.get([w.save_adapted_teacher.remote(out_dir) for w in self.workers])
+
+    def adapted_teacher_state(self) -> dict:
+        return ray.get([w.adapted_teacher_state.remote() for w in self.workers])[0]
 
     def logprobs(self, batch: SequenceBatch):
         """Rank 0's answer; every rank runs the forward (ZeRO-3 gathers parameters collectively)."""

@@ -1,20 +1,22 @@
-"""LearnerWorker: one DeepSpeed rank holding the student (and the critic heads).
+"""LearnerWorker: one DeepSpeed rank holding the student (and the critic heads, and for OKD the
+LoRA-adapted teacher).
 
-It never names a method: the controller hands it an objective callable and a target ('student' or
-'critic'). Objectives return globally-normalised sums, so the loss is multiplied by the world size
-to undo DeepSpeed's gradient averaging: N ranks then take exactly the 1-rank gradient step.
+It never names a method: the controller hands it an objective callable and the targets to step
+('student', 'critic', 'teacher'). Objectives return globally-normalised sums, so each loss is
+multiplied by the world size to undo DeepSpeed's gradient averaging: N ranks then take exactly the
+1-rank gradient step.
 """
 from __future__ import annotations
 
 import os
 import socket
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
-from rlkd.algorithms import ObjectiveContext
 from rlkd.batch import SequenceBatch, StudentForward, TeacherScores
 from rlkd.forward import response_forward
+from rlkd.objectives import ObjectiveContext
 
 
 def free_port() -> int:
@@ -27,6 +29,9 @@ class LearnerWorker:
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
         self.critic = None
+        self.adapted = None  # OKD: DeepSpeed engine of the teacher + LoRA
+        self.critic_reads_teacher = False
+        self.old_logp: dict[str, torch.Tensor] = {}
         self.batches: dict[str, SequenceBatch] = {}
         self.teacher: dict[str, TeacherScores] = {}
         self.n_tokens: dict[str, float] = {}
@@ -39,6 +44,7 @@ class LearnerWorker:
     def setup(self, master_addr: str, master_port: int, student_dir: str, vocab_size: int, zero_stage: int,
               student_lr: float, critic_lr: float, weight_decay: float, grad_clip: float,
               critic_heads: tuple[str, ...] = (), critic_network: str = "linear", critic_bound: float = 1.0,
+              critic_hidden: int | None = None, adapted_teacher: dict | None = None,
               seed: int = 0, trust_remote_code: bool = False) -> int:
         """Join the process group and build the DeepSpeed engines; returns the student's #params."""
         import deepspeed
@@ -58,36 +64,53 @@ class LearnerWorker:
         ds = dict(zero_stage=zero_stage, weight_decay=weight_decay, grad_clip=grad_clip, bf16=gpu)
         self.student, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                 config=deepspeed_config(lr=student_lr, **ds))
-        if critic_heads:
-            heads = CriticHeads(model.config.hidden_size, vocab_size, tuple(critic_heads), critic_network, critic_bound)
+        if critic_heads:  # critic_hidden: the teacher's width when the critic reads the teacher's state
+            self.critic_reads_teacher = critic_hidden is not None
+            heads = CriticHeads(critic_hidden or model.config.hidden_size, vocab_size, tuple(critic_heads),
+                                critic_network, critic_bound)
             self.critic, *_ = deepspeed.initialize(model=heads, model_parameters=heads.parameters(),
                                                    config=deepspeed_config(lr=critic_lr, **{**ds, "bf16": False}))
+        if adapted_teacher is not None:
+            from learners.adapted_teacher import lora_teacher
+
+            t = adapted_teacher
+            peft_model = lora_teacher(t["teacher_dir"], t["rank"], t["scale"], t["targets"], trust_remote_code)
+            trainable = [p for p in peft_model.parameters() if p.requires_grad]
+            self.adapted, *_ = deepspeed.initialize(model=peft_model, model_parameters=trainable,
+                                                    config=deepspeed_config(lr=t["lr"] or student_lr, **ds))
         return sum(p.numel() for p in model.parameters()) if zero_stage < 3 else sum(
             getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
     # ---- data -------------------------------------------------------------------------------
 
-    def load_batch(self, batches: dict[str, SequenceBatch], teacher: dict, n_tokens: dict[str, float]) -> None:
+    def load_batch(self, batches: dict[str, SequenceBatch], teacher: dict, n_tokens: dict[str, float],
+                   snapshot_old_logp: bool = False) -> None:
         """Store this rank's shard for the step. Teacher scores may arrive as ObjectRefs straight
-        from the teacher actors (never through the driver)."""
+        from the teacher actors (never through the driver). With `snapshot_old_logp`, record
+        log q_old of the response tokens now, before any update (PPO's ratio denominator)."""
         import ray
 
         self.batches = batches
         self.teacher = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in teacher.items()}
         self.n_tokens = n_tokens
+        self.old_logp = {k: self.logprobs(b) for k, b in batches.items()} if snapshot_old_logp else {}
 
-    def _forward(self, name: str, train_student: bool, train_critic: bool) -> StudentForward:
-        batch = self.batches[name]
+    def _forward(self, name: str, targets: tuple[str, ...]) -> StudentForward:
+        batch, teacher = self.batches[name], self.teacher.get(name)
         use_critic = self.critic is not None and name in self.critic.module.heads
-        with torch.set_grad_enabled(train_student):
-            logits, hidden = response_forward(self.student, batch, self.vocab_size, with_hidden=use_critic)
+        student_hidden = use_critic and not self.critic_reads_teacher
+        with torch.set_grad_enabled("student" in targets):
+            logits, hidden = response_forward(self.student, batch, self.vocab_size, with_hidden=student_hidden)
             logp = torch.log_softmax(logits, -1)
-        critic = None
+        critic = adapted = None
         if use_critic:
-            with torch.set_grad_enabled(train_critic):
-                critic = self.critic(name, hidden.detach())
-        return StudentForward(logp, batch.responses, batch.response_mask, self.teacher.get(name), critic,
-                              batch.rollout_logprobs)
+            with torch.set_grad_enabled("critic" in targets):
+                critic = self.critic(name, teacher.hidden if self.critic_reads_teacher else hidden.detach())
+        if self.adapted is not None:
+            with torch.set_grad_enabled("teacher" in targets):
+                adapted = torch.log_softmax(response_forward(self.adapted, batch, self.vocab_size)[0], -1)
+        return StudentForward(logp, batch.responses, batch.response_mask, teacher, critic, batch.rollout_logprobs,
+                              batch.behavior_logprobs, self.old_logp.get(name), adapted)
 
     # ---- training ---------------------------------------------------------------------------
 
@@ -99,24 +122,40 @@ class LearnerWorker:
             dist.all_reduce(t)
         return t
 
-    def train(self, objective: Callable, target: str, check_sync: bool = False) -> dict[str, float]:
-        """One optimizer step of `target` ('student' or 'critic') on the stored shard.
+    def train(self, objective: Callable, targets: str | tuple[str, ...] = "student",
+              check_sync: bool = False) -> dict[str, float]:
+        """One optimizer step of each target ('student', 'critic', 'teacher') on the stored shard.
 
-        Returns the objective's metrics summed over ranks (i.e. global values). With
-        `check_sync`, also the mean |rollout log-prob − learner log-prob| of on-policy tokens.
+        The objective returns one loss, or {target: loss} when one forward trains several models.
+        Returns its metrics summed over ranks (global values). With `check_sync`, also the mean
+        |rollout log-prob − learner log-prob| of on-policy tokens.
         """
-        if target not in ("student", "critic") or (target == "critic" and self.critic is None):
-            raise ValueError(f"cannot train {target!r} on this learner")
-        engine = self.student if target == "student" else self.critic
-        fwd = {k: self._forward(k, target == "student", target == "critic") for k in self.batches}
-        ctx = ObjectiveContext(self.n_tokens, self._all_reduce)
-        loss, metrics = objective(fwd, ctx)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite {target} loss {loss.item()} on rank {self.rank}")
-        engine.backward(loss * self.world_size)
-        engine.step()
+        targets = (targets,) if isinstance(targets, str) else tuple(targets)
+        engines = {"student": self.student, "critic": self.critic, "teacher": self.adapted}
+        for t in targets:
+            if engines.get(t) is None:
+                raise ValueError(f"cannot train {t!r} on this learner")
+        fwd = {k: self._forward(k, targets) for k in self.batches}
+        loss, metrics = objective(fwd, ObjectiveContext(self.n_tokens, self._all_reduce))
+        per_target = loss if isinstance(loss, dict) else {targets[0]: loss}
+        for t in targets:
+            if not torch.isfinite(per_target[t]):
+                raise FloatingPointError(f"non-finite {t} loss {per_target[t].item()} on rank {self.rank}")
+        for t in targets:  # separate graphs (the other model's output is detached in each loss)
+            engines[t].backward(per_target[t] * self.world_size)
+            engines[t].step()
         if check_sync:
             metrics.update(self._sync_gap(fwd))
+        return self._global(metrics)
+
+    @torch.no_grad()
+    def evaluate(self, objective: Callable) -> dict[str, float]:
+        """The objective's metrics on the stored shard, without any update (validation losses)."""
+        fwd = {k: self._forward(k, ()) for k in self.batches}
+        _, metrics = objective(fwd, ObjectiveContext(self.n_tokens, self._all_reduce))
+        return self._global(metrics)
+
+    def _global(self, metrics: dict) -> dict[str, float]:
         keys = sorted(metrics)
         values = self._all_reduce(torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32) for k in keys]))
         return dict(zip(keys, values.tolist()))
@@ -137,7 +176,7 @@ class LearnerWorker:
 
     # ---- weights ----------------------------------------------------------------------------
 
-    def _full_state(self, module) -> Optional[dict[str, torch.Tensor]]:
+    def _full_state(self, module) -> dict[str, torch.Tensor] | None:
         """The full state dict on rank 0 (gathered from shards under ZeRO-3); None elsewhere."""
         import deepspeed
 
@@ -148,16 +187,28 @@ class LearnerWorker:
             return {k: v.detach().to("cpu", torch.float32).contiguous().clone()
                     for k, v in module.state_dict().items()}
 
-    def student_weights(self) -> Optional[bytes]:
+    def student_weights(self) -> bytes | None:
         """Student weights as safetensors bytes on rank 0 (every rank must call: ZeRO-3 gathers)."""
         from safetensors.torch import save
 
         state = self._full_state(self.student.module)
         return None if state is None else save(state)
 
-    def save_student(self, out_dir: str) -> Optional[str]:
+    def save_student(self, out_dir: str) -> str | None:
         """save_pretrained (safetensors) on rank 0; every rank must call."""
         state = self._full_state(self.student.module)
         if state is not None:
             self.student.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         return out_dir if state is not None else None
+
+    def save_adapted_teacher(self, out_dir: str) -> str | None:
+        """OKD: the teacher's LoRA adapter (PEFT format: adapter_config.json + adapter_model.safetensors)."""
+        state = self._full_state(self.adapted.module)
+        if state is None:
+            return None
+        self.adapted.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        return out_dir
+
+    def adapted_teacher_state(self) -> dict[str, torch.Tensor] | None:
+        """OKD: the full (base + LoRA) teacher state on rank 0, for checks; every rank must call."""
+        return self._full_state(self.adapted.module)

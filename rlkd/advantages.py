@@ -1,7 +1,7 @@
 """Pure return/advantage shaping for the policy-gradient (long-term) parts of the losses."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -36,7 +36,7 @@ def future_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0
     return out * mask
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, all_reduce: Optional[AllReduce] = None,
+def whiten(values: torch.Tensor, mask: torch.Tensor, all_reduce: AllReduce | None = None,
            eps: float = 1e-8) -> torch.Tensor:
     """(x − mean) / std over the masked entries of the *global* batch (stats summed over ranks)."""
     stats = torch.stack([(values * mask).sum(), (values.square() * mask).sum(), mask.sum()])

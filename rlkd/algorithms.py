@@ -1,144 +1,140 @@
-"""Methods: which sequences each one trains on, and the objectives the learners run.
+"""Methods: which sequences each one trains on (a schedule) and the objectives the learners run.
 
-An objective is `fn(fwd, ctx, **hparams) -> (loss, metrics)` where `fwd` maps a batch name
-("gold", "on", "off") to the `StudentForward` the learner computed for it. Objectives only compose
-the pure functions of `rlkd.losses` / `rlkd.advantages`. Every returned number is normalised by
-the *global* token count (ctx.n_tokens), so summing it over learner ranks gives the global value.
-The learner never names a method: the controller hands it these callables.
+A `Method` is everything the controller and launcher need to know about a method; the learners
+only ever see its objective callables. `build_method(cfg.algo, ...)` binds the config's
+hyperparameters. Every method runs through the same actors, learners, data and outputs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Optional
 
-import torch
+from rlkd import objectives as obj
+from rlkd.method_config import OKDConfig
+from rlkd.schedules import (
+    GOLD,
+    MIXED,
+    ROLLOUT,
+    TEACHER_GEN,
+    AdaptiveSGO,
+    Fixed,
+    OnPolicyMix,
+)
 
-from rlkd import losses
-from rlkd.advantages import AllReduce, future_returns, whiten
-from rlkd.batch import StudentForward, TeacherScores
-
-Objective = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-# where the sequences of a named batch come from
-ROLLOUT, TEACHER_GEN, GOLD = "rollout", "teacher_generated", "gold"
+# name -> one line (shown by validation errors and `--help-config`; the README has the full table)
+METHODS: dict[str, str] = {
+    "sft": "cross-entropy on gold responses",
+    "fkl": "forward KL(p || q) on gold responses ('KD')",
+    "rkl": "reverse KL(q || p) on gold responses",
+    "jsd": "JSD, distillm convention (lam), on gold responses",
+    "tvd": "total variation on gold responses",
+    "seqkd": "cross-entropy on cached teacher generations",
+    "gkd": "generalized JSD(beta), TRL convention, on-policy with probability lmbda",
+    "imitkd": "forward KL on replayed student generations",
+    "distillm": "skew (reverse) KL with adaptive student-generated outputs",
+    "minillm": "sequence-level reverse KL by PPO, teacher-mixed sampling",
+    "okd": "forward KL to a LoRA-adapted teacher trained online",
+    "ammd": "adversarial moment matching of action values, on- and off-policy",
+}
 
 
 @dataclass
-class ObjectiveContext:
-    n_tokens: dict[str, float]  # global response-token count of each named batch
-    all_reduce: Optional[AllReduce] = None  # sums a tensor over learner ranks
-
-
-@dataclass(frozen=True)
 class Method:
     name: str
-    sources: dict[str, str]  # batch name -> ROLLOUT | TEACHER_GEN | GOLD
-    policy_objective: Objective
-    critic_objective: Optional[Objective] = None
+    label: str  # shown in outputs, e.g. "ammd (gold off-policy data)"
+    schedule: object  # rlkd.schedules: Fixed | OnPolicyMix | AdaptiveSGO (stateful, one per run)
+    policy_objective: obj.Objective
+    critic_objective: obj.Objective | None = None
     critic_heads: tuple[str, ...] = ()  # one critic head per named batch it scores
+    critic_steps: int = 0  # K critic updates per student update
+    critic_warmup_steps: int = 0  # first steps that train only the critic
+    critic_input: str = "student"  # hidden state the critic reads: 'student' | 'teacher'
     needs_teacher_scores: bool = True
-    label: str = ""  # shown in outputs, e.g. "ammd (gold off-policy data)"
+    policy_epochs: int = 1  # student updates per batch (PPO epochs)
+    snapshot_old_logp: bool = False  # learners record log q_old before the first update (PPO)
+    train_targets: tuple[str, ...] = ("student",)  # OKD: ('student', 'teacher')
+    adapted_teacher: OKDConfig | None = None  # OKD: the learners hold the teacher with a LoRA
+    rollout_temperature: float | None = None  # overrides rollout.temperature (GKD: 0.9)
+    mix_alpha: float = 0.0  # MiniLLM teacher-mixed sampling
+    validate_every: int = 0  # DistiLLM: steps between validation-CE checks (0: never)
     extra: dict = field(default_factory=dict)
 
+    @property
+    def uses_rollouts(self) -> bool:
+        return bool(self.schedule.uses & {ROLLOUT, MIXED})
 
-# ---------------------------------------------------------------------------------------------
-# baselines
-
-
-def sft_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext):
-    f = fwd["gold"]
-    loss = losses.sft(f.token_logp, f.mask, ctx.n_tokens["gold"])
-    return loss, {"loss/sft": loss.detach()}
+    @property
+    def uses_teacher_actors(self) -> bool:
+        return self.needs_teacher_scores or TEACHER_GEN in self.schedule.uses
 
 
-def _divergence_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext, divergence, name: str):
-    f = fwd["gold"]
-    s, t = losses.on_support(f.logp, f.teacher)
-    loss = divergence(s, t, f.mask, ctx.n_tokens["gold"])
-    return loss, {f"loss/{name}": loss.detach()}
+def _gold(policy, label, **kw) -> Method:
+    return Method(label, label, Fixed({"train": GOLD}), policy, **kw)
 
 
-fkl_objective = partial(_divergence_objective, divergence=losses.forward_kl, name="fkl")
-rkl_objective = partial(_divergence_objective, divergence=losses.reverse_kl, name="rkl")
+def _ammd(a, seed: int, **_) -> Method:
+    x = a.ammd
+    off_source = TEACHER_GEN if x.off_policy == "teacher" else GOLD
+    sources = {k: v for k, v, w in (("off", off_source, x.beta), ("on", ROLLOUT, 1 - x.beta)) if w > 0}
+    label = "ammd" if x.off_policy == "teacher" or x.beta == 0 else "ammd (gold off-policy data)"
+    return Method("ammd", label, Fixed(sources),
+                  partial(obj.ammd_policy_objective, beta=x.beta, pg_coef=x.pg_coef, whiten_returns=x.whiten),
+                  critic_objective=partial(obj.ammd_critic_objective, beta=x.beta), critic_heads=tuple(sources),
+                  critic_steps=x.critic_steps, critic_warmup_steps=x.critic_warmup_steps, critic_input=x.critic_input)
 
 
-# ---------------------------------------------------------------------------------------------
-# AMMD (ALGORITHMS.md §1.3, all [R]): min_θ max_f  β·d_off(θ, f_off) + (1−β)·d_on(θ, f_on)
+def _distillm(a, seed: int, total_steps: int, steps_per_epoch: int) -> Method:
+    x = a.distillm
+    sched = AdaptiveSGO(x.init_threshold, x.loss_eps, x.capacity, total_steps, seed)
+    return Method("distillm", f"distillm (adaptive {x.loss})", sched,
+                  partial(obj.divergence_objective, divergence=x.loss, lam=x.skew_lambda),
+                  validate_every=x.eval_every or steps_per_epoch)
 
 
-def _critic_on_support(critic: torch.Tensor, teacher: TeacherScores) -> torch.Tensor:
-    return critic if teacher.index is None else critic.gather(-1, teacher.index)
+def _minillm(a, seed: int, **_) -> Method:
+    x = a.minillm
+    source = MIXED if x.teacher_mix_alpha > 0 else ROLLOUT
+    return Method("minillm", "minillm", Fixed({"on": source}),
+                  partial(obj.minillm_objective, gamma=x.gamma, clip=x.clip, single_step_reg=x.single_step_reg,
+                          length_norm=x.length_norm, whiten_returns=x.whiten, reward_clip=x.reward_clip),
+                  policy_epochs=x.ppo_epochs, snapshot_old_logp=True, mix_alpha=x.teacher_mix_alpha)
 
 
-def ammd_gaps(f: StudentForward) -> torch.Tensor:
-    """Per-token δ_t = Σ_a (p* − q)(a)·f(a) on the teacher's support (top-k: no tail bin, since
-    the critic has no value for 'every other token') -> (B, R)."""
-    s, t = losses.on_support(f.logp, f.teacher, with_tail=False)
-    return losses.moment_gap(s, t, _critic_on_support(f.critic, f.teacher))
+def _okd(a, seed: int, **_) -> Method:
+    x = a.okd
+    return Method("okd", f"okd (student {x.student_loss})", Fixed({"train": GOLD}),
+                  partial(obj.okd_objective, alpha=x.alpha, student_loss=x.student_loss, jsd_beta=x.jsd_beta),
+                  needs_teacher_scores=False, train_targets=("student", "teacher"), adapted_teacher=x)
 
 
-def _weighted_distances(fwd, ctx, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    total, metrics = torch.zeros(()), {}
-    for name, weight in (("off", beta), ("on", 1.0 - beta)):
-        if weight == 0:
-            continue
-        d = losses.token_mean(ammd_gaps(fwd[name]), fwd[name].mask, ctx.n_tokens[name])
-        total = total + weight * d
-        metrics[f"ammd/d_{name}"] = d.detach()
-    return total, metrics
+def _gkd(a, seed: int, **_) -> Method:
+    x = a.gkd
+    return Method("gkd", "gkd" + (" (seq_kd)" if x.seq_kd else ""),
+                  OnPolicyMix(x.lmbda, TEACHER_GEN if x.seq_kd else GOLD, seed),
+                  partial(obj.divergence_objective, divergence="gjsd", beta=x.beta), rollout_temperature=x.temperature)
 
 
-def ammd_critic_objective(fwd, ctx: ObjectiveContext, beta: float):
-    """Critic (moment estimator) ascent on the weighted distance: loss = −(β d_off + (1−β) d_on)."""
-    total, _ = _weighted_distances(fwd, ctx, beta)  # the distances are reported by the policy step
-    return -total, {"loss/critic": -total.detach()}
-
-
-def ammd_policy_objective(fwd, ctx: ObjectiveContext, beta: float, pg_coef: float, whiten_returns: bool):
-    """Student descent on β d_off + (1−β)(d_on + pg_coef·PG).
-
-    The off-policy states are data, so d_off's gradient is exact through q. The on-policy states
-    depend on θ: the long-term part is REINFORCE with reward −δ_t' summed over t' > t, divided by
-    the number of summed tokens and whitened over the global batch (MiniLLM's variance reduction).
-    """
-    total, metrics = _weighted_distances(fwd, ctx, beta)
-    if beta < 1 and pg_coef > 0:
-        on = fwd["on"]
-        returns = future_returns(-ammd_gaps(on).detach(), on.mask)
-        if whiten_returns:
-            returns = whiten(returns, on.mask, ctx.all_reduce)
-        pg = losses.policy_gradient(on.token_logp, returns, on.mask, ctx.n_tokens["on"])
-        total = total + (1 - beta) * pg_coef * pg
-        metrics["loss/pg"] = pg.detach()
-    metrics["loss/policy"] = total.detach()
-    return total, metrics
-
-
-# ---------------------------------------------------------------------------------------------
-# registry
-
-
-def build_method(name: str, beta: float = 0.5, pg_coef: float = 1.0, whiten_returns: bool = True,
-                 off_policy: str = "teacher") -> Method:
-    """The Method for `name`, with its hyperparameters bound into the objectives."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid methods: {sorted(METHODS)}")
-    if name == "ammd":
-        off_source = TEACHER_GEN if off_policy == "teacher" else GOLD
-        sources = {k: v for k, v, w in (("off", off_source, beta), ("on", ROLLOUT, 1 - beta)) if w > 0}
-        label = "ammd" if off_policy == "teacher" or beta == 0 else "ammd (gold off-policy data)"
-        return Method(name, sources,
-                      policy_objective=partial(ammd_policy_objective, beta=beta, pg_coef=pg_coef,
-                                               whiten_returns=whiten_returns),
-                      critic_objective=partial(ammd_critic_objective, beta=beta),
-                      critic_heads=tuple(sources), label=label)
-    return METHODS[name]
-
-
-METHODS: dict[str, Optional[Method]] = {
-    "sft": Method("sft", {"gold": GOLD}, sft_objective, needs_teacher_scores=False, label="sft"),
-    "fkl": Method("fkl", {"gold": GOLD}, fkl_objective, label="fkl"),
-    "rkl": Method("rkl", {"gold": GOLD}, rkl_objective, label="rkl"),
-    "ammd": None,  # built by build_method: its sources depend on beta and off_policy
+_BUILDERS = {
+    "sft": lambda a, seed, **_: _gold(obj.sft_objective, "sft", needs_teacher_scores=False),
+    "fkl": lambda a, seed, **_: _gold(partial(obj.divergence_objective, divergence="fkl"), "fkl"),
+    "rkl": lambda a, seed, **_: _gold(partial(obj.divergence_objective, divergence="rkl"), "rkl"),
+    "tvd": lambda a, seed, **_: _gold(partial(obj.divergence_objective, divergence="tvd"), "tvd"),
+    "jsd": lambda a, seed, **_: _gold(partial(obj.divergence_objective, divergence="jsd", lam=a.jsd.lam), "jsd"),
+    "seqkd": lambda a, seed, **_: Method("seqkd", "seqkd", Fixed({"train": TEACHER_GEN}), obj.sft_objective,
+                                         needs_teacher_scores=False),
+    "imitkd": lambda a, seed, **_: Method("imitkd", "imitkd", OnPolicyMix(1.0, GOLD, seed, a.imitkd.capacity),
+                                          partial(obj.divergence_objective, divergence="fkl")),
+    "gkd": _gkd,
+    "distillm": _distillm,
+    "minillm": _minillm,
+    "okd": _okd,
+    "ammd": _ammd,
 }
+assert set(_BUILDERS) == set(METHODS)
+
+
+def build_method(algo, seed: int = 0, total_steps: int = 1, steps_per_epoch: int = 1) -> Method:
+    """A fresh Method (its schedule holds per-run state) for `algo.method`, hyperparameters bound."""
+    if algo.method not in METHODS:
+        raise ValueError(f"unknown method {algo.method!r}; valid methods: {sorted(METHODS)}")
+    return _BUILDERS[algo.method](algo, seed=seed, total_steps=total_steps, steps_per_epoch=steps_per_epoch)

@@ -6,8 +6,8 @@ response token j. All per-token tensors below are (B, R), aligned to response to
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Optional, Sequence
 
 import torch
 
@@ -18,7 +18,9 @@ class SequenceBatch:
     attention_mask: torch.Tensor  # (B, P+R) long: 1 on real tokens
     response_mask: torch.Tensor  # (B, R) float: 1 on real response tokens (EOS included)
     prompt_width: int  # P: response token j sits at column P+j
-    rollout_logprobs: Optional[torch.Tensor] = None  # (B, R) log π_rollout(y_j) at sampling time
+    rollout_logprobs: torch.Tensor | None = None  # (B, R) log π_rollout(y_j) at sampling time
+    behavior_logprobs: torch.Tensor | None = None  # (B, R) log of the distribution y_j was drawn from,
+    # when that is not the student itself (MiniLLM's teacher-mixed sampling); None = the student
 
     @property
     def responses(self) -> torch.Tensor:  # (B, R) long
@@ -34,16 +36,23 @@ class SequenceBatch:
     def num_tokens(self) -> int:
         return int(self.response_mask.sum().item())
 
-    def select(self, rows: slice | torch.Tensor) -> "SequenceBatch":
+    def select(self, rows: slice | torch.Tensor) -> SequenceBatch:
         return _select(self, rows)
 
-    def shard(self, n: int) -> list["SequenceBatch"]:
+    def to_lists(self) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, response ids) per row, padding removed (inverse of `collate`)."""
+        p = self.prompt_width
+        return [(ids[:p][attn[:p].bool()].tolist(), ids[p:][rmask.bool()].tolist())
+                for ids, attn, rmask in zip(self.input_ids, self.attention_mask, self.response_mask)]
+
+    def shard(self, n: int) -> list[SequenceBatch]:
         """n contiguous, equal shards (the global batch must divide evenly)."""
         return _shard(self, n)
 
     @staticmethod
     def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
-                rollout_logprobs: Optional[Sequence[Sequence[float]]] = None) -> "SequenceBatch":
+                rollout_logprobs: Sequence[Sequence[float]] | None = None,
+                behavior_logprobs: Sequence[Sequence[float]] | None = None) -> SequenceBatch:
         """Pack token-id lists into the left/right padded layout."""
         if not prompts:
             raise ValueError("cannot collate an empty batch")
@@ -54,6 +63,7 @@ class SequenceBatch:
         attn = torch.zeros((n, width_p + width_r), dtype=torch.long)
         rmask = torch.zeros((n, width_r))
         lp = torch.zeros((n, width_r)) if rollout_logprobs is not None else None
+        blp = torch.zeros((n, width_r)) if behavior_logprobs is not None else None
         for i, (p, r) in enumerate(zip(prompts, responses)):
             ids[i, width_p - len(p):width_p] = torch.tensor(list(p), dtype=torch.long)
             attn[i, width_p - len(p):width_p] = 1
@@ -63,7 +73,9 @@ class SequenceBatch:
                 rmask[i, :len(r)] = 1
                 if lp is not None:
                     lp[i, :len(r)] = torch.tensor(list(rollout_logprobs[i]), dtype=torch.float)
-        return SequenceBatch(ids, attn, rmask, width_p, lp)
+                if blp is not None:
+                    blp[i, :len(r)] = torch.tensor(list(behavior_logprobs[i]), dtype=torch.float)
+        return SequenceBatch(ids, attn, rmask, width_p, lp, blp)
 
 
 @dataclass
@@ -74,13 +86,16 @@ class TeacherScores:
     `tail` (B, R) is log(1 - sum of the top-k probabilities), the mass of all other tokens.
     """
     logp: torch.Tensor  # (B, R, V) or (B, R, k) float: log p*(a | s_j), teacher temperature applied
-    index: Optional[torch.Tensor] = None  # (B, R, k) long: token ids of the top-k entries
-    tail: Optional[torch.Tensor] = None  # (B, R) float: log of the mass outside the top-k
+    index: torch.Tensor | None = None  # (B, R, k) long: token ids of the top-k entries
+    tail: torch.Tensor | None = None  # (B, R) float: log of the mass outside the top-k
+    token_logp: torch.Tensor | None = None  # (B, R) log p*(y_j | s_j) of the response tokens (exact
+    # even under top-k: MiniLLM's reward needs it for tokens outside the top-k)
+    hidden: torch.Tensor | None = None  # (B, R, H_teacher) last hidden state, when the critic reads it
 
-    def select(self, rows: slice | torch.Tensor) -> "TeacherScores":
+    def select(self, rows: slice | torch.Tensor) -> TeacherScores:
         return _select(self, rows)
 
-    def shard(self, n: int) -> list["TeacherScores"]:
+    def shard(self, n: int) -> list[TeacherScores]:
         return _shard(self, n)
 
 
@@ -108,9 +123,13 @@ class StudentForward:
     logp: torch.Tensor  # (B, R, V) log q_θ(a | s_j), differentiable when training the student
     targets: torch.Tensor  # (B, R) long: the response tokens y_j
     mask: torch.Tensor  # (B, R) float: response mask
-    teacher: Optional[TeacherScores] = None  # teacher distributions at the same positions
-    critic: Optional[torch.Tensor] = None  # (B, R, V) f(s_j, a), differentiable when training the critic
-    rollout_logprobs: Optional[torch.Tensor] = None  # (B, R) sampling-time log-probs, if on-policy
+    teacher: TeacherScores | None = None  # teacher distributions at the same positions
+    critic: torch.Tensor | None = None  # (B, R, V) f(s_j, a), differentiable when training the critic
+    rollout_logprobs: torch.Tensor | None = None  # (B, R) sampling-time log-probs, if on-policy
+    behavior_logprobs: torch.Tensor | None = None  # (B, R) log-probs under the sampling mixture, if any
+    old_logp: torch.Tensor | None = None  # (B, R) log q_θold(y_j) before this batch's first update (PPO)
+    adapted_logp: torch.Tensor | None = None  # (B, R, V) OKD: the LoRA teacher's log-probs, computed in
+    # the learner; differentiable (to the LoRA only) when training the teacher
 
     @property
     def token_logp(self) -> torch.Tensor:  # (B, R) log q_θ(y_j | s_j)

@@ -12,9 +12,19 @@ import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
+
+from rlkd.method_config import (
+    AMMDConfig,
+    DistiLLMConfig,
+    GKDConfig,
+    ImitKDConfig,
+    JSDConfig,
+    MiniLLMConfig,
+    OKDConfig,
+)
 
 
 class ConfigError(ValueError):
@@ -51,9 +61,9 @@ class TinyModelConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    teacher: Optional[str] = None
+    teacher: str | None = None
     """Local Hugging Face causal-LM directory of the teacher; null builds the embedded tiny teacher."""
-    student: Optional[str] = None
+    student: str | None = None
     """Local Hugging Face causal-LM directory of the student; null builds the embedded tiny student."""
     cache_dir: str = "~/.cache/rlkd"
     """Where the embedded tokenizer and tiny models are cached between runs."""
@@ -65,7 +75,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_file: Optional[str] = None
+    train_file: str | None = None
     """JSONL with instruction/[context|input]/[response|output]; null uses the shipped Dolly subset."""
     max_prompt_tokens: int = 96
     """Prompts longer than this many tokens are truncated from the left."""
@@ -141,24 +151,21 @@ class LearnerConfig:
 @dataclass(frozen=True)
 class AlgoConfig:
     method: str = "ammd"
-    """Distillation method: one of rlkd.algorithms.METHODS (ammd, sft, fkl, rkl)."""
-    beta: float = 0.5
-    """AMMD off-/on-policy mix: loss = beta*off + (1-beta)*on."""
-    critic_steps: int = 4
-    """AMMD: critic (moment estimator) updates per student update (K)."""
-    critic_warmup_steps: int = 5
-    """AMMD: first steps that update only the critic (K times each), so the moment estimator nears its
-    sup before the student moves (like OpenRLHF's critic-first freezing_steps); they count in train.steps."""
-    critic_network: str = "linear"
-    """AMMD critic: 'linear' (tanh-bounded head on the student's last hidden state) or 'mlp'."""
-    critic_bound: float = 1.0
-    """AMMD critic output bound c: f = c*tanh(...)."""
-    off_policy: str = "teacher"
-    """AMMD off-policy sequences: 'teacher' (teacher-generated, as in the paper) or 'gold' (labelled)."""
-    pg_coef: float = 1.0
-    """AMMD weight of the on-policy policy-gradient (long-term) part."""
-    whiten: bool = True
-    """Whiten (zero-mean, unit-variance over the global batch) the on-policy returns."""
+    """Distillation method: one of rlkd.algorithms.METHODS (see the README's method table)."""
+    ammd: AMMDConfig = field(default_factory=AMMDConfig)
+    """AMMD: adversarial moment matching (the headline method)."""
+    okd: OKDConfig = field(default_factory=OKDConfig)
+    """OKD: online KD with a LoRA-adapted teacher trained in the learner group."""
+    gkd: GKDConfig = field(default_factory=GKDConfig)
+    """GKD: generalized JSD with an on-policy fraction."""
+    minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
+    """MiniLLM: sequence-level reverse KL by PPO."""
+    distillm: DistiLLMConfig = field(default_factory=DistiLLMConfig)
+    """DistiLLM: skew KL with adaptive off-policy student generations."""
+    jsd: JSDConfig = field(default_factory=JSDConfig)
+    """JSD baseline on gold responses (distillm convention)."""
+    imitkd: ImitKDConfig = field(default_factory=ImitKDConfig)
+    """ImitKD: forward KL on replayed student generations."""
 
 
 @dataclass(frozen=True)
@@ -275,7 +282,7 @@ def _set_path(raw: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_config(path: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+def load_config(path: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """YAML file (optional) + `section.field=value` overrides -> validated, frozen Config."""
     raw: dict = {}
     if path is not None:
@@ -346,15 +353,8 @@ def validate(cfg: Config) -> None:
     _positive(lr, "learner", ["num_ranks", "student_lr", "critic_lr", "num_cpus"])
     _positive(lr, "learner", ["weight_decay", "grad_clip"], allow_zero=True)
     _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", lr.zero_stage, "one of [0, 1, 2, 3]")
-    a = cfg.algo
-    _check(a.method in METHODS, "algo.method", a.method, f"one of {sorted(METHODS)}")
-    _check(0 <= a.beta <= 1, "algo.beta", a.beta, "in [0, 1]")
-    _positive(a, "algo", ["critic_steps", "critic_bound"])
-    _positive(a, "algo", ["pg_coef", "critic_warmup_steps"], allow_zero=True)
-    _check(a.critic_warmup_steps < cfg.train.steps, "algo.critic_warmup_steps", a.critic_warmup_steps,
-           f"< train.steps={cfg.train.steps}")
-    _check(a.critic_network in ("linear", "mlp"), "algo.critic_network", a.critic_network, "one of ['linear', 'mlp']")
-    _check(a.off_policy in ("teacher", "gold"), "algo.off_policy", a.off_policy, "one of ['gold', 'teacher']")
+    _check(cfg.algo.method in METHODS, "algo.method", cfg.algo.method, f"one of {sorted(METHODS)}")
+    validate_algo(cfg)
     tr = cfg.train
     _positive(tr, "train", ["steps", "batch_size", "log_every"])
     _check(tr.batch_size % lr.num_ranks == 0, "train.batch_size", tr.batch_size,
@@ -363,3 +363,62 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.num_examples <= d.val_size, "eval.num_examples", cfg.eval.num_examples,
            f"<= data.val_size={d.val_size}")
     _positive(cfg.run, "run", ["num_cpus"], allow_zero=True)
+
+
+def _one_of(value: Any, name: str, allowed: list) -> None:
+    _check(value in allowed, name, value, f"one of {allowed}")
+
+
+def _unit(value: float, name: str, low_open: bool = False, high_open: bool = False) -> None:
+    ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
+    _check(ok, name, value, f"in {'(' if low_open else '['}0, 1{')' if high_open else ']'}")
+
+
+def validate_algo(cfg: Config) -> None:
+    """The selected method's section (only that one is read by a run)."""
+    a, m = cfg.algo, cfg.algo.method
+    if m == "ammd":
+        x = a.ammd
+        _unit(x.beta, "algo.ammd.beta")
+        _positive(x, "algo.ammd", ["critic_steps", "critic_bound"])
+        _positive(x, "algo.ammd", ["pg_coef", "critic_warmup_steps"], allow_zero=True)
+        _check(x.critic_warmup_steps < cfg.train.steps, "algo.ammd.critic_warmup_steps", x.critic_warmup_steps,
+               f"< train.steps={cfg.train.steps}")
+        _one_of(x.critic_network, "algo.ammd.critic_network", ["linear", "mlp"])
+        _one_of(x.critic_input, "algo.ammd.critic_input", ["student", "teacher"])
+        _one_of(x.off_policy, "algo.ammd.off_policy", ["gold", "teacher"])
+    elif m == "okd":
+        x = a.okd
+        _unit(x.alpha, "algo.okd.alpha")
+        _positive(x, "algo.okd", ["lora_rank"])
+        _check(x.lora_scale >= 1, "algo.okd.lora_scale", x.lora_scale, ">= 1 (OKD eq. 15)")
+        _check(bool(x.lora_targets.strip()), "algo.okd.lora_targets", x.lora_targets, "comma-separated module names")
+        _one_of(x.student_loss, "algo.okd.student_loss", ["fkl", "jsd", "rkl"])
+        _unit(x.jsd_beta, "algo.okd.jsd_beta")
+        _positive(x, "algo.okd", ["teacher_lr"], allow_zero=True)
+    elif m == "gkd":
+        _unit(a.gkd.lmbda, "algo.gkd.lmbda")
+        _unit(a.gkd.beta, "algo.gkd.beta")
+        _positive(a.gkd, "algo.gkd", ["temperature"])
+    elif m == "minillm":
+        x = a.minillm
+        _unit(x.gamma, "algo.minillm.gamma")
+        _positive(x, "algo.minillm", ["ppo_epochs", "clip", "reward_clip"])
+        _unit(x.teacher_mix_alpha, "algo.minillm.teacher_mix_alpha", high_open=True)
+        _check(x.teacher_mix_alpha == 0 or cfg.rollout.backend == "hf", "algo.minillm.teacher_mix_alpha",
+               x.teacher_mix_alpha, "0 with rollout.backend='vllm' (teacher-mixed sampling needs both models in "
+               "one sampling loop, which only the 'hf' backend has)")
+    elif m == "distillm":
+        x = a.distillm
+        _one_of(x.loss, "algo.distillm.loss", ["sfkl", "srkl"])
+        _unit(x.skew_lambda, "algo.distillm.skew_lambda", low_open=True, high_open=True)
+        _unit(x.init_threshold, "algo.distillm.init_threshold")
+        _positive(x, "algo.distillm", ["loss_eps", "capacity"])
+        _positive(x, "algo.distillm", ["eval_every"], allow_zero=True)
+        _check(x.capacity >= cfg.train.batch_size, "algo.distillm.capacity", x.capacity,
+               f">= train.batch_size={cfg.train.batch_size}")
+    elif m == "jsd":
+        _unit(a.jsd.lam, "algo.jsd.lam", low_open=True, high_open=True)
+    elif m == "imitkd":
+        _check(a.imitkd.capacity >= cfg.train.batch_size, "algo.imitkd.capacity", a.imitkd.capacity,
+               f">= train.batch_size={cfg.train.batch_size}")

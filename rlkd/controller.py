@@ -1,7 +1,8 @@
 """The single controller: one training step, read top to bottom.
 
-    prompts -> rollout (student) / teacher generation -> teacher scoring -> K critic updates
-            -> one student update -> weight sync
+    prompts -> the method's schedule picks the sequences (gold / cached teacher generations /
+    student rollouts / teacher-mixed rollouts) -> teacher scoring -> K critic updates
+    -> student update(s) -> weight sync -> (validation)
 
 It only holds handles (duck-typed: lists of actor handles with `.remote` methods, and a
 LearnerGroup-like object), so it never imports actors/ or learners/.
@@ -14,16 +15,16 @@ from dataclasses import dataclass
 
 import ray
 
-from rlkd.algorithms import GOLD, ROLLOUT, TEACHER_GEN, Method
+from rlkd.algorithms import Method
 from rlkd.batch import SequenceBatch, shard_named
 from rlkd.data import PromptSampler, TokenizedExample
+from rlkd.objectives import sft_objective
+from rlkd.schedules import GOLD, MIXED, ROLLOUT, TEACHER_GEN
 
 
 @dataclass(frozen=True)
 class StepSettings:
     batch_size: int  # global prompts per step
-    critic_steps: int  # K
-    critic_warmup_steps: int  # first steps that train only the critic
     max_new_tokens: int
     temperature: float
     top_p: float
@@ -31,37 +32,71 @@ class StepSettings:
     sync_check_tol: float
     pad_id: int
     seed: int
+    vocab_size: int = 0  # for teacher-mixed sampling
 
 
 class Controller:
     def __init__(self, method: Method, settings: StepSettings, sampler: PromptSampler, learners,
-                 rollout_actors: list, teacher_actors: list):
+                 rollout_actors: list, teacher_actors: list, teacher_cache: dict | None = None,
+                 val_rows: list[TokenizedExample] = ()):
         self.method, self.s, self.sampler = method, settings, sampler
         self.learners, self.rollouts, self.teachers = learners, rollout_actors, teacher_actors
-        self.teacher_cache: dict[int, list[int]] = {}  # uid -> teacher-generated response (off-policy data)
+        # uid -> teacher-generated response (AMMD off-policy data, SeqKD, GKD seq_kd); launch persists it
+        self.teacher_cache: dict = {} if teacher_cache is None else teacher_cache
+        self.val_rows = list(val_rows)
         self.synced = True  # rollout actors start from the learners' initial weights
+        self.timings: dict[str, float] = {}
+
+    @property
+    def pad_id(self) -> int:
+        return self.s.pad_id
+
+    @contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.timings[f"timing/{name}"] = self.timings.get(f"timing/{name}", 0.0) + time.perf_counter() - t0
+
+    def get(self, source: str, rows: list[TokenizedExample], step: int) -> SequenceBatch:
+        """The schedule's data sources (rlkd.schedules.Sources)."""
+        if source == GOLD:
+            return SequenceBatch.collate([r.prompt_ids for r in rows], [r.response_ids for r in rows], self.pad_id)
+        if source == TEACHER_GEN:
+            with self.phase("teacher_gen"):
+                return self._teacher_generated(rows, step)
+        if source in (ROLLOUT, MIXED):
+            with self.phase("rollout"):
+                return self._rollout(rows, step, mixed=source == MIXED)
+        raise ValueError(f"unknown data source {source!r}")
 
     # ---- phases -------------------------------------------------------------------------------
 
-    def _generate(self, actors: list, prompts: list[list[int]], seed: int) -> dict:
+    def _generate(self, actors: list, prompts: list[list[int]], seed: int, temperature: float,
+                  mix_alpha: float = 0.0) -> dict:
         """Split prompts over actors, generate in parallel, concatenate in order."""
         n = len(actors)
         chunks = [prompts[i * len(prompts) // n:(i + 1) * len(prompts) // n] for i in range(n)]
-        outs = ray.get([a.generate.remote(c, self.s.max_new_tokens, self.s.temperature, self.s.top_p, seed + i * 7919)
-                        for i, (a, c) in enumerate(zip(actors, chunks)) if c])
-        return {"responses": [r for o in outs for r in o["responses"]],
-                "logprobs": [lp for o in outs for lp in o["logprobs"]]}
+        s = self.s
+        calls = [a.generate_mixed.remote(c, s.max_new_tokens, mix_alpha, s.vocab_size, temperature, seed + i * 7919)
+                 if mix_alpha else a.generate.remote(c, s.max_new_tokens, temperature, s.top_p, seed + i * 7919)
+                 for i, (a, c) in enumerate(zip(actors, chunks)) if c]
+        outs = ray.get(calls)
+        return {k: [x for o in outs for x in o[k]] for k in outs[0] if k != "seconds"}
 
-    def _rollout(self, rows: list[TokenizedExample], step: int) -> SequenceBatch:
+    def _rollout(self, rows: list[TokenizedExample], step: int, mixed: bool = False) -> SequenceBatch:
         prompts = [r.prompt_ids for r in rows]
-        out = self._generate(self.rollouts, prompts, self.s.seed + 1_000_003 * step)
-        return SequenceBatch.collate(prompts, out["responses"], self.s.pad_id, out["logprobs"])
+        temperature = self.method.rollout_temperature or self.s.temperature
+        out = self._generate(self.rollouts, prompts, self.s.seed + 1_000_003 * step, temperature,
+                             self.method.mix_alpha if mixed else 0.0)
+        return SequenceBatch.collate(prompts, out["responses"], self.s.pad_id, out["logprobs"],
+                                     out.get("behavior_logprobs"))
 
     def _teacher_generated(self, rows: list[TokenizedExample], step: int) -> SequenceBatch:
         """Teacher responses, sampled once per prompt and cached (ALGORITHMS.md §5.2)."""
         todo = [r for r in rows if r.uid not in self.teacher_cache]
         if todo:
-            out = self._generate(self.teachers, [r.prompt_ids for r in todo], self.s.seed + 7 * step + 1)
+            out = self._generate(self.teachers, [r.prompt_ids for r in todo], self.s.seed + 7 * step + 1,
+                                 self.s.temperature)
             self.teacher_cache.update({r.uid: resp for r, resp in zip(todo, out["responses"])})
         return SequenceBatch.collate([r.prompt_ids for r in rows], [self.teacher_cache[r.uid] for r in rows],
                                      self.s.pad_id)
@@ -71,10 +106,12 @@ class Controller:
         if not self.method.needs_teacher_scores:
             return [{} for _ in shards]
         refs, i = [], 0
+        hidden = self.method.critic_input == "teacher"
         for shard in shards:
             row = {}
             for name, batch in shard.items():
-                row[name] = self.teachers[i % len(self.teachers)].score.remote(batch)
+                row[name] = self.teachers[i % len(self.teachers)].score.remote(
+                    batch, hidden and name in self.method.critic_heads)
                 i += 1
             refs.append(row)
         ray.wait([r for row in refs for r in row.values()], num_returns=i)
@@ -88,58 +125,56 @@ class Controller:
 
     def step(self, step: int) -> dict[str, float]:
         """Run training step `step` (1-based); returns its metrics, including timing/<phase>."""
-        timings, metrics = {}, {}
-
-        @contextmanager
-        def phase(name: str):
-            t0 = time.perf_counter()
-            yield
-            timings[f"timing/{name}"] = timings.get(f"timing/{name}", 0.0) + time.perf_counter() - t0
-
+        m, metrics, self.timings = self.method, {}, {}
         t_start = time.perf_counter()
         rows = self.sampler.next(self.s.batch_size)
-        batches: dict[str, SequenceBatch] = {}
-        for name, source in self.method.sources.items():
-            if source == ROLLOUT:
-                with phase("rollout"):
-                    batches[name] = self._rollout(rows, step)
-            elif source == TEACHER_GEN:
-                with phase("teacher_gen"):
-                    batches[name] = self._teacher_generated(rows, step)
-            elif source == GOLD:
-                batches[name] = SequenceBatch.collate([r.prompt_ids for r in rows], [r.response_ids for r in rows],
-                                                      self.s.pad_id)
+        batches = m.schedule.batches(step, rows, self)
         shards = shard_named(batches, self.learners.size)
         n_tokens = {name: float(b.num_tokens()) for name, b in batches.items()}
-        with phase("score"):
-            teacher_refs = self._score(shards)
-            self.learners.load_batch(shards, teacher_refs, n_tokens)
-        check = self.synced and any(s == ROLLOUT for s in self.method.sources.values())
-        if self.method.critic_objective is not None:
-            with phase("critic"):
-                for k in range(self.s.critic_steps):
-                    metrics.update(self.learners.train(self.method.critic_objective, "critic", check and k == 0))
-                    check = check and k > 0
-        if self.method.critic_objective is not None and step <= self.s.critic_warmup_steps:
-            return self._finish(step, metrics, timings, n_tokens, t_start)  # student frozen: nothing to sync
-        with phase("policy"):
-            metrics.update(self.learners.train(self.method.policy_objective, "student", check))
-        self.synced = False
-        if self.rollouts and step % self.s.sync_every == 0:
-            with phase("sync"):
-                self._sync()
-            self.synced = True
-        return self._finish(step, metrics, timings, n_tokens, t_start)
+        with self.phase("score"):
+            self.learners.load_batch(shards, self._score(shards), n_tokens, m.snapshot_old_logp)
+        # sync check: fresh rollout log-probs must equal the learner's (replayed batches carry none)
+        check = self.synced and any(b.rollout_logprobs is not None for b in batches.values())
+        if m.critic_objective is not None:
+            with self.phase("critic"):
+                for k in range(m.critic_steps):
+                    metrics.update(self.learners.train(m.critic_objective, "critic", check and k == 0))
+            check = False
+        if m.critic_objective is None or step > m.critic_warmup_steps:  # warm-up: only the critic trains
+            with self.phase("policy"):
+                for epoch in range(m.policy_epochs):
+                    metrics.update(self.learners.train(m.policy_objective, m.train_targets, check and epoch == 0))
+            self.synced = False
+            if self.rollouts and step % self.s.sync_every == 0:
+                with self.phase("sync"):
+                    self._sync()
+                self.synced = True
+        if m.validate_every and step % m.validate_every == 0:
+            with self.phase("validate"):
+                metrics["val/ce"] = self.validation_ce()
+            m.schedule.on_validation(metrics["val/ce"])
+        metrics.update(m.schedule.metrics())
+        return self._finish(step, metrics, n_tokens, batches, t_start)
 
-    def _finish(self, step: int, metrics: dict, timings: dict, n_tokens: dict, t_start: float) -> dict:
+    def validation_ce(self) -> float:
+        """Token-mean CE of the gold validation responses under the current student."""
+        n = self.learners.size
+        rows = self.val_rows[:len(self.val_rows) // n * n]
+        val = SequenceBatch.collate([r.prompt_ids for r in rows], [r.response_ids for r in rows], self.pad_id)
+        self.learners.load_batch(shard_named({"train": val}, n), [{} for _ in range(n)],
+                                 {"train": float(val.num_tokens())})
+        return self.learners.evaluate(sft_objective)["loss/sft"]
+
+    def _finish(self, step: int, metrics: dict, n_tokens: dict, batches: dict, t_start: float) -> dict:
         self._check_sync(metrics, step)
         elapsed = time.perf_counter() - t_start
         trained = sum(n_tokens.values())
-        metrics.update(timings)
+        metrics.update(self.timings)
         metrics.update({"step": step, "timing/step": elapsed, "tokens/trained": trained,
                         "throughput/tokens_per_s": trained / elapsed, "data/position": self.sampler.position})
-        if "timing/rollout" in timings:
-            metrics["throughput/rollout_tokens_per_s"] = n_tokens.get("on", 0.0) / timings["timing/rollout"]
+        if "timing/rollout" in self.timings:
+            fresh = sum(n_tokens[k] for k, b in batches.items() if b.rollout_logprobs is not None)
+            metrics["throughput/rollout_tokens_per_s"] = fresh / self.timings["timing/rollout"]
         return metrics
 
     def _check_sync(self, metrics: dict, step: int) -> None:

@@ -5,7 +5,6 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 SHIPPED_DOLLY = Path(__file__).parent / "assets" / "dolly_short.jsonl"
 
@@ -54,7 +53,7 @@ def _pick(row: dict, keys: tuple[str, ...]):
     return None
 
 
-def _parse_row(row) -> tuple[Optional[Example], str]:
+def _parse_row(row) -> tuple[Example | None, str]:
     if not isinstance(row, dict):
         return None, f"expected a JSON object, got {type(row).__name__}"
     instruction = row.get("instruction")

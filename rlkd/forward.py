@@ -1,15 +1,13 @@
 """The one forward pass every component shares: logits (and hidden states) at response positions."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from rlkd.batch import SequenceBatch
 
 
 def response_forward(model, batch: SequenceBatch, vocab_size: int, with_hidden: bool = False
-                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run a causal LM over prompt+response; return the logits that predict each response token.
 
     Returns (logits (B, R, vocab_size), last hidden state (B, R, H) or None). Logits are sliced to

@@ -8,16 +8,35 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
-from rlkd.algorithms import ROLLOUT, Method, build_method
+from rlkd.algorithms import Method, build_method
 from rlkd.config import Config, to_dict
-from rlkd.data import SHIPPED_DOLLY, PromptSampler, TokenizedExample, read_examples, split, tokenize
+from rlkd.data import (
+    SHIPPED_DOLLY,
+    PromptSampler,
+    TokenizedExample,
+    read_examples,
+    split,
+    tokenize,
+)
 from rlkd.evaluation import decode, rouge_l
-from rlkd.models import check_model_dir, check_same_tokenizer, embedded_models, load_tokenizer
-from rlkd.outputs import MetricsWriter, make_run_dir, mark_completed, write_json, write_yaml
+from rlkd.models import (
+    check_model_dir,
+    check_same_tokenizer,
+    embedded_models,
+    load_tokenizer,
+)
+from rlkd.outputs import (
+    MetricsWriter,
+    make_run_dir,
+    mark_completed,
+    write_json,
+    write_yaml,
+)
+from rlkd.teacher_cache import TeacherGenerations
 
 
 @dataclass
@@ -104,30 +123,39 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, log: Callable = pr
     from actors.teacher import TeacherActor
     from learners.group import LearnerGroup
 
-    a, tok = cfg.algo, prep.tokenizer
+    tok, m = prep.tokenizer, method
     t0 = time.time()
-    env = lambda cpus: {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}}  # noqa: E731
-    teacher_cls = ray.remote(TeacherActor).options(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus,
-                                                   runtime_env=env(cfg.teacher.num_cpus))
-    teachers = [teacher_cls.remote(str(prep.teacher_dir), prep.vocab_size, tok.pad_token_id, tok.eos_token_id,
-                                   cfg.teacher.topk, cfg.teacher.temperature, cfg.model.trust_remote_code)
-                for _ in range(cfg.teacher.num_actors)]
+    env = lambda cpus: {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}}
+    teachers = []
+    if m.uses_teacher_actors:  # OKD and SFT need none: OKD's teacher lives in the learners
+        teacher_cls = ray.remote(TeacherActor).options(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus,
+                                                       runtime_env=env(cfg.teacher.num_cpus))
+        teachers = [teacher_cls.remote(str(prep.teacher_dir), prep.vocab_size, tok.pad_token_id, tok.eos_token_id,
+                                       cfg.teacher.topk, cfg.teacher.temperature, cfg.model.trust_remote_code)
+                    for _ in range(cfg.teacher.num_actors)]
     rollouts = []
-    if ROLLOUT in method.sources.values():  # methods without rollouts start no rollout actors
+    if m.uses_rollouts:  # methods without rollouts start no rollout actors
         r = cfg.rollout
         rollout_cls = ray.remote(RolloutActor).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus,
                                                        runtime_env=env(r.num_cpus))
         max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens + 8
+        mix_dir = str(prep.teacher_dir) if m.mix_alpha else None
         rollouts = [rollout_cls.remote(str(prep.student_dir), r.backend, tok.pad_token_id, tok.eos_token_id,
                                        cfg.train.seed + i, r.vllm_memory_fraction, r.vllm_cpu_kv_cache_gib, max_len,
-                                       cfg.model.trust_remote_code)
+                                       cfg.model.trust_remote_code, mix_dir)
                     for i in range(r.num_actors)]
-    lc = cfg.learner
+    lc, a = cfg.learner, cfg.algo
+    adapted = None
+    if m.adapted_teacher is not None:
+        o = m.adapted_teacher
+        adapted = dict(teacher_dir=str(prep.teacher_dir), rank=o.lora_rank, scale=o.lora_scale,
+                       targets=o.lora_targets, lr=o.teacher_lr)
     learners = LearnerGroup(lc.num_ranks, lc.num_cpus, lc.num_gpus, student_dir=str(prep.student_dir),
                             vocab_size=prep.vocab_size, zero_stage=lc.zero_stage, student_lr=lc.student_lr,
                             critic_lr=lc.critic_lr, weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
-                            critic_heads=method.critic_heads,
-                            critic_network=a.critic_network, critic_bound=a.critic_bound, seed=cfg.train.seed,
+                            critic_heads=m.critic_heads, critic_network=a.ammd.critic_network,
+                            critic_bound=a.ammd.critic_bound, critic_hidden=_critic_hidden(cfg, prep, m),
+                            adapted_teacher=adapted, seed=cfg.train.seed,
                             trust_remote_code=cfg.model.trust_remote_code)
     ray.get([x.ready.remote() for x in teachers + rollouts])
     log(f"actors: {len(teachers)} teacher, {len(rollouts)} rollout ({cfg.rollout.backend if rollouts else '-'}), "
@@ -136,7 +164,16 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, log: Callable = pr
     return Groups(learners, rollouts, teachers, method)
 
 
-def evaluate(cfg: Config, prep: Prepared, model_dir: Optional[Path], teacher_actor=None) -> Optional[float]:
+def _critic_hidden(cfg: Config, prep: Prepared, method: Method) -> int | None:
+    """The teacher's hidden width when the AMMD critic reads the teacher's hidden state, else None."""
+    if not method.critic_heads or method.critic_input != "teacher":
+        return None
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(prep.teacher_dir, trust_remote_code=cfg.model.trust_remote_code).hidden_size
+
+
+def evaluate(cfg: Config, prep: Prepared, model_dir: Path | None, teacher_actor=None) -> float | None:
     """ROUGE-L of sampled responses on the first eval.num_examples held-out prompts."""
     import ray
 
@@ -161,11 +198,11 @@ def _train(cfg: Config, prep: Prepared, groups: Groups, run_dir: Path, log: Call
     from rlkd.controller import Controller, StepSettings
 
     tok, r = prep.tokenizer, cfg.rollout
-    settings = StepSettings(cfg.train.batch_size, cfg.algo.critic_steps, cfg.algo.critic_warmup_steps,
-                            cfg.data.max_response_tokens,
-                            r.temperature, r.top_p, r.sync_every, r.sync_check_tol, tok.pad_token_id, cfg.train.seed)
+    settings = StepSettings(cfg.train.batch_size, cfg.data.max_response_tokens, r.temperature, r.top_p,
+                            r.sync_every, r.sync_check_tol, tok.pad_token_id, cfg.train.seed, prep.vocab_size)
+    cache = TeacherGenerations(cfg, prep)
     controller = Controller(groups.method, settings, PromptSampler(prep.train, cfg.train.seed), groups.learners,
-                            groups.rollouts, groups.teachers)
+                            groups.rollouts, groups.teachers, cache.responses, prep.val)
     writer, history, t0 = MetricsWriter(run_dir), [], time.time()
     try:
         for step in range(1, cfg.train.steps + 1):
@@ -176,6 +213,7 @@ def _train(cfg: Config, prep: Prepared, groups: Groups, run_dir: Path, log: Call
                 log(_progress_line(m, cfg.train.steps, time.time() - t0))
     finally:
         writer.close()
+        cache.save()
     return history
 
 
@@ -183,7 +221,7 @@ def _progress_line(m: dict, total: int, elapsed: float) -> str:
     step = int(m["step"])
     eta = elapsed / step * (total - step)
     losses = " ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in sorted(m.items())
-                      if k.startswith(("loss/", "ammd/")))
+                      if k.startswith(("loss/", "ammd/", "val/")))
     return f"step {step}/{total} {losses} tok/s={m['throughput/tokens_per_s']:.0f} eta={eta:.0f}s"
 
 
@@ -193,7 +231,8 @@ def run(cfg: Config, log: Callable = print) -> Path:
 
     t_start = time.time()
     prep = prepare(cfg, log)
-    method = build_method(cfg.algo.method, cfg.algo.beta, cfg.algo.pg_coef, cfg.algo.whiten, cfg.algo.off_policy)
+    steps_per_epoch = max(1, len(prep.train) // cfg.train.batch_size)
+    method = build_method(cfg.algo, cfg.train.seed, cfg.train.steps, steps_per_epoch)
     run_dir = make_run_dir(cfg.run.output_dir, cfg.run.name, cfg.algo.method)
     resolved = to_dict(cfg)
     resolved["model"].update(teacher=str(prep.teacher_dir), student=str(prep.student_dir))
@@ -203,12 +242,14 @@ def run(cfg: Config, log: Callable = print) -> Path:
     groups = None
     try:
         groups = start_groups(cfg, prep, method, log)
-        scores = {"teacher": evaluate(cfg, prep, None, groups.teachers[0]),
+        scores = {"teacher": evaluate(cfg, prep, prep.teacher_dir, (groups.teachers or [None])[0]),
                   "student_before": evaluate(cfg, prep, prep.student_dir)}
         history = _train(cfg, prep, groups, run_dir, log)
         final_dir = run_dir / "student"
         groups.learners.save_student(str(final_dir))
         prep.tokenizer.save_pretrained(str(final_dir))
+        if method.adapted_teacher is not None:  # OKD: the adapted teacher is a result too
+            groups.learners.save_adapted_teacher(str(run_dir / "teacher_adapter"))
         scores["student_after"] = evaluate(cfg, prep, final_dir)
     finally:
         if groups is not None:
@@ -223,9 +264,9 @@ def run(cfg: Config, log: Callable = print) -> Path:
 
 
 def _summary(cfg, method, prep, scores, history, wall) -> dict:
-    warmup = cfg.algo.critic_warmup_steps if method.critic_objective is not None else 0
+    warmup = method.critic_warmup_steps if method.critic_objective is not None else 0
     first, last = history[warmup], history[-1]  # warm-up steps train only the critic
-    keys = [k for k in last if k.startswith(("loss/", "ammd/"))]
+    keys = [k for k in last if k.startswith(("loss/", "ammd/", "okd/", "val/"))]
     return {"method": method.label, "metric": "rougeL F x100 (rouge_score, stemmed, max over refs)",
             "num_examples": min(cfg.eval.num_examples, len(prep.val)), "rougeL": scores,
             "first": {k: first.get(k) for k in keys}, "last": {k: last.get(k) for k in keys},

@@ -9,14 +9,14 @@ Conventions:
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
 
 import torch
 
 from rlkd.batch import TeacherScores
 
 
-def token_mean(per_token: torch.Tensor, mask: torch.Tensor, n_tokens: Optional[float] = None) -> torch.Tensor:
+def token_mean(per_token: torch.Tensor, mask: torch.Tensor, n_tokens: float | None = None) -> torch.Tensor:
     """Σ per_token·mask / n_tokens (n_tokens defaults to the mask's own count)."""
     denom = mask.sum() if n_tokens is None else torch.as_tensor(n_tokens, dtype=per_token.dtype)
     return (per_token * mask).sum() / denom.clamp(min=1)
@@ -50,28 +50,79 @@ def on_support(student_logp: torch.Tensor, teacher: TeacherScores, with_tail: bo
     return torch.cat([s, s_tail], -1), torch.cat([teacher.logp, teacher.tail.unsqueeze(-1)], -1)
 
 
-def sft(token_logp: torch.Tensor, mask: torch.Tensor, n_tokens: Optional[float] = None) -> torch.Tensor:
+def sft(token_logp: torch.Tensor, mask: torch.Tensor, n_tokens: float | None = None) -> torch.Tensor:
     """Cross-entropy of the response tokens: mean −log q(y_t)."""
     return token_mean(-token_logp, mask, n_tokens)
 
 
 def forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
-               n_tokens: Optional[float] = None) -> torch.Tensor:
+               n_tokens: float | None = None) -> torch.Tensor:
     """Token-mean KL(p ‖ q) = Σ_a p(a) (log p(a) − log q(a)); p = teacher, q = student."""
     return token_mean(_p_log_ratio(teacher_logp, student_logp), mask, n_tokens)
 
 
 def reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
-               n_tokens: Optional[float] = None) -> torch.Tensor:
+               n_tokens: float | None = None) -> torch.Tensor:
     """Token-mean KL(q ‖ p) = Σ_a q(a) (log q(a) − log p(a)); gradient flows through both q's."""
     return token_mean(_p_log_ratio(student_logp, teacher_logp), mask, n_tokens)
 
 
 def total_variation(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
-                    n_tokens: Optional[float] = None) -> torch.Tensor:
+                    n_tokens: float | None = None) -> torch.Tensor:
     """Token-mean TV(p, q) = ½ Σ_a |p(a) − q(a)|."""
     per_token = 0.5 * (teacher_logp.exp() - student_logp.exp()).abs().sum(-1)
     return token_mean(per_token, mask, n_tokens)
+
+
+def _log_mix(logp_a: torch.Tensor, logp_b: torch.Tensor, w_a: float) -> torch.Tensor:
+    """log(w_a·a + (1 − w_a)·b), computed stably from log-probs (0 < w_a < 1)."""
+    return torch.logaddexp(logp_a + math.log(w_a), logp_b + math.log1p(-w_a))
+
+
+def generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
+                    beta: float = 0.5, n_tokens: float | None = None) -> torch.Tensor:
+    """GKD's generalized JSD(β), TRL convention (`generalized_jsd_loss`), token mean.
+
+    m = β·p + (1−β)·q; loss = β·KL(p ‖ m) + (1−β)·KL(q ‖ m). As in TRL, the endpoints are special
+    cases (the mixture formula vanishes there): β = 0 is KL(p ‖ q) (forward), β = 1 is KL(q ‖ p).
+    """
+    if beta == 0:
+        return forward_kl(student_logp, teacher_logp, mask, n_tokens)
+    if beta == 1:
+        return reverse_kl(student_logp, teacher_logp, mask, n_tokens)
+    m = _log_mix(teacher_logp, student_logp, beta)
+    per_token = beta * _p_log_ratio(teacher_logp, m) + (1 - beta) * _p_log_ratio(student_logp, m)
+    return token_mean(per_token, mask, n_tokens)
+
+
+def js_distance(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
+                lam: float = 0.9, n_tokens: float | None = None) -> torch.Tensor:
+    """DistiLLM's `js_distance(lam)` convention, token mean.
+
+    m = (1−λ)·p + λ·q; loss = λ·KL(q ‖ m) + (1−λ)·KL(p ‖ m). It equals generalized_jsd with
+    β = 1 − λ (distillm's λ = 0.9 is GKD's β = 0.1); gradient flows through q inside m too.
+    """
+    m = _log_mix(teacher_logp, student_logp, 1 - lam)
+    per_token = lam * _p_log_ratio(student_logp, m) + (1 - lam) * _p_log_ratio(teacher_logp, m)
+    return token_mean(per_token, mask, n_tokens)
+
+
+def skew_forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
+                    lam: float = 0.1, n_tokens: float | None = None) -> torch.Tensor:
+    """DistiLLM skew KL: KL(p ‖ λp + (1−λ)q), token mean.
+
+    distillm's `skewed_forward_kl` returns the cross-entropy −Σ p log m; this is that minus the
+    constant Σ p log p, so the gradient is the same and the value is a true divergence (>= 0).
+    """
+    m = _log_mix(teacher_logp, student_logp, lam)
+    return token_mean(_p_log_ratio(teacher_logp, m), mask, n_tokens)
+
+
+def skew_reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
+                    lam: float = 0.1, n_tokens: float | None = None) -> torch.Tensor:
+    """DistiLLM skew reverse KL: KL(q ‖ (1−λ)p + λq), token mean (`skewed_reverse_kl`)."""
+    m = _log_mix(teacher_logp, student_logp, 1 - lam)
+    return token_mean(_p_log_ratio(student_logp, m), mask, n_tokens)
 
 
 def moment_gap(student_logp: torch.Tensor, teacher_logp: torch.Tensor, critic: torch.Tensor) -> torch.Tensor:
@@ -84,12 +135,28 @@ def moment_gap(student_logp: torch.Tensor, teacher_logp: torch.Tensor, critic: t
 
 
 def moment_distance(student_logp: torch.Tensor, teacher_logp: torch.Tensor, critic: torch.Tensor,
-                    mask: torch.Tensor, n_tokens: Optional[float] = None) -> torch.Tensor:
+                    mask: torch.Tensor, n_tokens: float | None = None) -> torch.Tensor:
     """d_MM estimate under a fixed critic: token mean of δ_t."""
     return token_mean(moment_gap(student_logp, teacher_logp, critic), mask, n_tokens)
 
 
 def policy_gradient(token_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    n_tokens: Optional[float] = None) -> torch.Tensor:
+                    n_tokens: float | None = None) -> torch.Tensor:
     """REINFORCE surrogate: token mean of −A_t · log q(y_t), advantages treated as constants."""
     return token_mean(-advantages.detach() * token_logp, mask, n_tokens)
+
+
+def ppo_clip(token_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+             clip: float = 0.2, weights: torch.Tensor | None = None,
+             n_tokens: float | None = None) -> torch.Tensor:
+    """PPO clipped surrogate, token mean (MiniLLM `_pg_loss`).
+
+    ratio = exp(log q − log q_old)·w, where w is an importance weight for tokens sampled from another
+    distribution (MiniLLM's teacher-mixed sampling; 1 otherwise). loss = max(−A·ratio, −A·clip(ratio)).
+    """
+    ratio = (token_logp - old_logp.detach()).exp()
+    if weights is not None:
+        ratio = ratio * weights.detach()
+    a = advantages.detach()
+    per_token = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip, 1 + clip))
+    return token_mean(per_token, mask, n_tokens)

@@ -13,8 +13,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from rlkd.config import Config, ConfigError, TinyModelConfig
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
@@ -42,7 +41,7 @@ class MetricsWriter:
         self.file = (run_dir / "metrics.jsonl").open("a", buffering=1)
         self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
-    def write(self, metrics: dict, step: Optional[int] = None) -> None:
+    def write(self, metrics: dict, step: int | None = None) -> None:
         step = int(metrics.get("step", 0) if step is None else step)
         self.file.write(json.dumps(metrics) + "\n")
         for k, v in metrics.items():

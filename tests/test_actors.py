@@ -4,7 +4,7 @@ import torch
 
 from actors.rollout import RolloutActor
 from actors.teacher import TeacherActor
-from rlkd.algorithms import sft_objective
+from rlkd.objectives import sft_objective
 from rlkd.batch import SequenceBatch
 from rlkd.forward import response_forward, token_logprobs
 from rlkd.models import load_model
@@ -75,7 +75,7 @@ def test_weight_sync_makes_rollout_match_learner(ray_cluster, rollouts, tiny_mod
     try:
         gold = SequenceBatch.collate([d.prompt_ids for d in data[:8]], [d.response_ids for d in data[:8]],
                                      tok.pad_token_id)
-        group.load_batch([{"gold": gold}], [{}], {"gold": float(gold.num_tokens())})
+        group.load_batch([{"train": gold}], [{}], {"train": float(gold.num_tokens())})
         for _ in range(3):  # move the learner's weights far from the rollout engine's
             group.train(sft_objective, "student")
         actor = rollouts[backend]

@@ -33,16 +33,16 @@ def test_every_field_has_a_docstring():
 
 
 def test_overrides_are_typed_and_frozen():
-    cfg = load_config(None, ["train.steps=7", "algo.beta=1", "learner.zero_stage=3", "model.teacher=null",
+    cfg = load_config(None, ["train.steps=7", "algo.ammd.beta=1", "learner.zero_stage=3", "model.teacher=null",
                              "model.student=null"])
-    assert cfg.train.steps == 7 and cfg.algo.beta == 1.0 and isinstance(cfg.algo.beta, float)
+    assert cfg.train.steps == 7 and cfg.algo.ammd.beta == 1.0 and isinstance(cfg.algo.ammd.beta, float)
     with pytest.raises(Exception):
         cfg.train.steps = 3  # frozen
 
 
 @pytest.mark.parametrize("overrides, needle", [
     (["algo.method=foo"], "algo.method='foo' is invalid: one of ["),
-    (["algo.beta=1.5"], "algo.beta=1.5 is invalid: in [0, 1]"),
+    (["algo.ammd.beta=1.5"], "algo.ammd.beta=1.5 is invalid: in [0, 1]"),
     (["learner.zero_stage=4"], "learner.zero_stage=4 is invalid: one of [0, 1, 2, 3]"),
     (["train.steps=zero"], "train.steps='zero' is invalid: expected int"),
     (["train.stepz=3"], "unknown config field 'train.stepz'"),

@@ -35,7 +35,7 @@ def test_losses_finite_and_phases_timed(smoke_run):
     cfg, run_dir = smoke_run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, cfg.train.steps + 1))
-    warmup = cfg.algo.critic_warmup_steps
+    warmup = cfg.algo.ammd.critic_warmup_steps
     assert all("loss/policy" not in r for r in rows[:warmup])  # critic warm-up: student frozen
     for r in rows[warmup:]:
         for k in ("loss/critic", "loss/policy", "loss/pg", "ammd/d_on", "ammd/d_off"):
@@ -68,7 +68,7 @@ def test_baselines_run_through_the_same_pipeline(ray_cluster, smoke_run, method)
     cfg = load_config("configs/smoke.yaml", [f"run.output_dir={first_run.parent}",
                                              f"model.cache_dir={cfg.model.cache_dir}",
                                              f"run.name={method}", f"algo.method={method}", "train.steps=4",
-                                             "algo.critic_warmup_steps=0", "eval.num_examples=0"])
+                                             "algo.ammd.critic_warmup_steps=0", "eval.num_examples=0"])
     run_dir = run(cfg)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r[f"loss/{method}"] for r in rows]

@@ -3,7 +3,11 @@ import pytest
 import torch
 
 from learners.group import LearnerGroup
-from rlkd.algorithms import build_method, fkl_objective
+from functools import partial
+
+from rlkd.algorithms import build_method
+from rlkd.config import load_config
+from rlkd.objectives import divergence_objective
 from rlkd.batch import SequenceBatch, TeacherScores, shard_named
 from rlkd.forward import response_forward
 from rlkd.models import load_model
@@ -34,7 +38,7 @@ def _load(group, batches, scores):
 
 
 def _ammd_steps(group, batches, scores, steps=2):
-    method = build_method("ammd", beta=0.5)
+    method = build_method(load_config(None, ["algo.method=ammd"]).algo)
     _load(group, batches, scores)
     history = []
     for _ in range(steps):
@@ -51,8 +55,8 @@ def test_two_rank_zero2_matches_one_rank(ray_cluster, tiny_models, tiny_data):
         group = _group(tiny_models, tok, ranks, stage=2)
         try:
             hist = _ammd_steps(group, batches, scores)
-            _load(group, {"gold": batches["on"]}, {"gold": scores["on"]})
-            hist.append(group.train(fkl_objective, "student"))
+            _load(group, {"train": batches["on"]}, {"train": scores["on"]})
+            hist.append(group.train(partial(divergence_objective, divergence="fkl"), "student"))
             results.append(hist)
         finally:
             group.shutdown()

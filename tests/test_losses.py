@@ -6,7 +6,9 @@ import torch
 
 from rlkd import losses
 from rlkd.advantages import future_returns, whiten
-from rlkd.algorithms import ObjectiveContext, ammd_critic_objective, ammd_policy_objective, build_method
+from rlkd.algorithms import build_method
+from rlkd.config import load_config
+from rlkd.objectives import ObjectiveContext, ammd_critic_objective, ammd_policy_objective
 from rlkd.batch import StudentForward, TeacherScores
 
 B, R, V = 2, 3, 5
@@ -41,6 +43,63 @@ CASES = {
     "reverse_kl": (losses.reverse_kl, lambda p, q: sum(q[a] * (torch.log(q[a]) - math.log(p[a])) for a in range(V))),
     "total_variation": (losses.total_variation, lambda p, q: 0.5 * sum(abs(p[a] - q[a]) for a in range(V))),
 }
+
+
+def _kl(x, y):
+    """Σ_a x_a log(x_a / y_a) over python lists of scalars / 0-d tensors."""
+    return sum(x[a] * (_log(x[a]) - _log(y[a])) for a in range(V))
+
+
+def _log(v):
+    return torch.log(v) if isinstance(v, torch.Tensor) else math.log(v)
+
+
+def _mix(w, x, y):
+    return [w * x[a] + (1 - w) * y[a] for a in range(V)]
+
+
+for _beta in (0.0, 0.1, 0.5, 1.0):  # TRL: β KL(p‖m) + (1−β) KL(q‖m), m = βp + (1−β)q; endpoints special
+    CASES[f"generalized_jsd_beta{_beta}"] = (
+        lambda s, t, m, b=_beta: losses.generalized_jsd(s, t, m, beta=b),
+        (lambda p, q: _kl(p, q)) if _beta == 0 else (lambda p, q: _kl(q, p)) if _beta == 1 else
+        (lambda p, q, b=_beta: b * _kl(p, _mix(b, p, q)) + (1 - b) * _kl(q, _mix(b, p, q))))
+for _lam in (0.5, 0.9):  # distillm: λ KL(q‖m) + (1−λ) KL(p‖m), m = (1−λ)p + λq
+    CASES[f"js_distance_lam{_lam}"] = (
+        lambda s, t, m, lam=_lam: losses.js_distance(s, t, m, lam=lam),
+        lambda p, q, lam=_lam: lam * _kl(q, _mix(1 - lam, p, q)) + (1 - lam) * _kl(p, _mix(1 - lam, p, q)))
+CASES["skew_forward_kl"] = (lambda s, t, m: losses.skew_forward_kl(s, t, m, lam=0.1),
+                            lambda p, q: _kl(p, _mix(0.1, p, q)))  # KL(p ‖ 0.1p + 0.9q)
+CASES["skew_reverse_kl"] = (lambda s, t, m: losses.skew_reverse_kl(s, t, m, lam=0.1),
+                            lambda p, q: _kl(q, _mix(0.9, p, q)))  # KL(q ‖ 0.9p + 0.1q)
+
+
+def test_jsd_conventions_agree():
+    """distillm's λ is GKD's 1 − β (ALGORITHMS.md §3.4)."""
+    s_logits, t_logp, mask = _data(3)
+    s = torch.log_softmax(s_logits, -1)
+    for lam in (0.1, 0.5, 0.9):
+        assert torch.allclose(losses.js_distance(s, t_logp, mask, lam), losses.generalized_jsd(s, t_logp, mask, 1 - lam))
+
+
+def test_ppo_clip_matches_brute_force():
+    g = torch.Generator().manual_seed(5)
+    logp = torch.randn(B, R, generator=g, dtype=torch.float64, requires_grad=True)
+    old = logp.detach() + 0.3 * torch.randn(B, R, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, R, generator=g, dtype=torch.float64)
+    w = torch.rand(B, R, generator=g, dtype=torch.float64) + 0.5
+    _, _, mask = _data()
+    got = losses.ppo_clip(logp, old, adv, mask, clip=0.2, weights=w)
+    (g_got,) = torch.autograd.grad(got, logp)
+    total, n = 0.0, 0
+    for b in range(B):
+        for t in range(R):
+            if mask[b, t]:
+                ratio = torch.exp(logp[b, t] - old[b, t]) * w[b, t]
+                clipped = min(max(ratio, torch.tensor(0.8, dtype=torch.float64)), torch.tensor(1.2, dtype=torch.float64))
+                total, n = total + max(-adv[b, t] * ratio, -adv[b, t] * clipped), n + 1
+    (g_ref,) = torch.autograd.grad(total / n, logp)
+    assert torch.allclose(got, total / n) and torch.allclose(g_got, g_ref)
+    assert (g_got[~mask.bool()] == 0).all()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -199,9 +258,11 @@ def test_ammd_objectives_against_hand_formula():
                               torch.autograd.grad(ref, x, retain_graph=True)[0])
 
 
+def _method(*overrides):
+    return build_method(load_config(None, ["algo.method=ammd", *overrides]).algo)
+
+
 def test_ammd_beta_extremes_drop_unused_batches():
-    assert set(build_method("ammd", beta=0.0).sources) == {"on"}
-    assert set(build_method("ammd", beta=1.0).sources) == {"off"}
-    assert build_method("ammd", off_policy="gold").label == "ammd (gold off-policy data)"
-    with pytest.raises(ValueError, match="valid methods"):
-        build_method("nope")
+    assert set(_method("algo.ammd.beta=0.0").schedule.sources) == {"on"}
+    assert set(_method("algo.ammd.beta=1.0").schedule.sources) == {"off"}
+    assert _method("algo.ammd.off_policy=gold").label == "ammd (gold off-policy data)"

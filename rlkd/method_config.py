@@ -1,0 +1,113 @@
+"""Per-method hyperparameters: one frozen section per method under `algo.` (e.g. `algo.gkd.beta`).
+
+Defaults are the published ones (ALGORITHMS.md section in brackets); [R] marks a value the papers
+left open and rlkd chose. Only the section of `algo.method` is read by a run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AMMDConfig:
+    beta: float = 0.5
+    """Off-/on-policy mix: loss = beta*off + (1-beta)*on; 0 = on-policy only, 1 = off-policy only [R, §5.3]."""
+    critic_steps: int = 4
+    """Critic (moment estimator) updates per student update (K) [R]."""
+    critic_warmup_steps: int = 5
+    """First steps that update only the critic (K times each), so the moment estimator nears its sup
+    before the student moves (like OpenRLHF's critic-first freezing_steps); they count in train.steps."""
+    critic_network: str = "linear"
+    """Critic head: 'linear' (tanh-bounded linear head) or 'mlp' (one hidden layer of its own) [R]."""
+    critic_input: str = "student"
+    """Hidden state the critic head reads: 'student' (the learner's forward) or 'teacher' (shipped by the
+    teacher actor with its scores) [R]."""
+    critic_bound: float = 1.0
+    """Critic output bound c: f = c*tanh(...) keeps the sup finite [R, §5.1]."""
+    off_policy: str = "teacher"
+    """Off-policy sequences: 'teacher' (teacher-generated, as in the paper, §5.2) or 'gold' (labelled)."""
+    pg_coef: float = 1.0
+    """Weight of the on-policy policy-gradient (long-term) part [R]."""
+    whiten: bool = True
+    """Whiten (zero mean, unit variance over the global batch) the on-policy returns [R, MiniLLM's trick]."""
+
+
+@dataclass(frozen=True)
+class OKDConfig:
+    alpha: float = 0.5
+    """Teacher loss alpha*KL(p_s || p_ta) + (1-alpha)*CE(gold) (eq. 16); unreported, [R] from {0.5, 0.9}."""
+    lora_rank: int = 32
+    """Rank r of the teacher's LoRA (Section V-E chose 32)."""
+    lora_scale: float = 4.0
+    """LoRA scale s >= 1 (eq. 15; PEFT lora_alpha = s*r); unreported, [R] distillm's 64/16 = 4."""
+    lora_targets: str = "q_proj,v_proj"
+    """Comma-separated module names that get the LoRA: the query and value projections (Llama/Qwen names)."""
+    student_loss: str = "fkl"
+    """Student loss toward the adapted teacher: 'fkl' KL(p_ta || p_s) (eq. 17), or 'rkl' / 'jsd' (Table V)."""
+    jsd_beta: float = 0.5
+    """beta of the 'jsd' student loss, GKD/TRL convention (OKD does not give it: [R] TRL's default)."""
+    teacher_lr: float = 0.0
+    """Learning rate of the teacher LoRA; 0 uses learner.student_lr (Algorithm 1: one shared eta)."""
+
+
+@dataclass(frozen=True)
+class GKDConfig:
+    lmbda: float = 0.5
+    """Probability that a step trains on fresh student generations (TRL `lmbda`, §3.8)."""
+    beta: float = 0.5
+    """Generalized JSD(beta), TRL convention: 0 = forward KL(p || q), 1 = reverse KL(q || p)."""
+    seq_kd: bool = False
+    """Off-policy steps train on teacher generations (cached) instead of the gold responses."""
+    temperature: float = 0.9
+    """Sampling temperature of GKD's student generations (TRL default)."""
+
+
+@dataclass(frozen=True)
+class MiniLLMConfig:
+    gamma: float = 0.95
+    """Discount of the per-token rewards log p - log q in the long-term returns (§3.7)."""
+    ppo_epochs: int = 4
+    """PPO epochs (full-batch student updates) per generated batch."""
+    clip: float = 0.2
+    """PPO clip range of the importance ratio."""
+    single_step_reg: bool = True
+    """Add the exact single-step term KL(q_t || p_t) over the vocabulary."""
+    teacher_mix_alpha: float = 0.2
+    """Sample from alpha*p + (1-alpha)*q (teacher-mixed sampling, importance-weighted); 0 = pure student
+    sampling. Needs rollout.backend=hf: both models must sit in one sampling loop."""
+    length_norm: bool = True
+    """Divide each return by the number of remaining response tokens (current one included)."""
+    whiten: bool = True
+    """Whiten the returns over the global batch."""
+    reward_clip: float = 100.0
+    """Clip each per-token reward to +-this (MiniLLM --cliprange-reward)."""
+
+
+@dataclass(frozen=True)
+class DistiLLMConfig:
+    loss: str = "srkl"
+    """'sfkl' = KL(p || lam*p + (1-lam)*q) or 'srkl' = KL(q || (1-lam)*p + lam*q) (§3.6)."""
+    skew_lambda: float = 0.1
+    """Skew lam of both losses (--skew-alpha)."""
+    init_threshold: float = 0.0
+    """Initial adaptive SGO threshold (GPT-2 scripts: 0.0; OpenLLaMA: 0.2)."""
+    loss_eps: float = 0.1
+    """Raise the threshold by 0.1 when the validation CE rises by at least this much (--loss-eps)."""
+    capacity: int = 1000
+    """Replay buffer capacity in sequences (FIFO)."""
+    eval_every: int = 0
+    """Steps between validation-loss checks; 0 = once per pass over the training data (distillm: per epoch)."""
+
+
+@dataclass(frozen=True)
+class JSDConfig:
+    lam: float = 0.9
+    """distillm `js_distance` convention: m = (1-lam)*p + lam*q, loss = lam*KL(q||m) + (1-lam)*KL(p||m).
+    lam = 0.9 equals GKD's beta = 0.1 (§3.4)."""
+
+
+@dataclass(frozen=True)
+class ImitKDConfig:
+    capacity: int = 1000
+    """Replay buffer (sequences): every step adds fresh student generations and trains on a random
+    batch of the buffer, as distillm's `mixed-fkl --mixed-alpha 1.0` runs ImitKD (§3.9)."""

@@ -1,0 +1,152 @@
+"""Objectives the learners run: `fn(fwd, ctx, **hparams) -> (loss, metrics)`.
+
+`fwd` maps a batch name ('train', 'on', 'off') to the `StudentForward` the learner computed for it.
+Objectives only compose the pure functions of `rlkd.losses` / `rlkd.advantages`. Every number is
+normalised by the *global* response-token count of its batch (ctx.n_tokens): one token mean over
+the batch for every method (ALGORITHMS.md §5.12), and summing over learner ranks gives the global
+value. `loss` may be a dict {target: loss} when one forward pass trains two models (OKD).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from rlkd import losses
+from rlkd.advantages import AllReduce, future_returns, whiten
+from rlkd.batch import StudentForward, TeacherScores
+
+Objective = Callable[..., tuple]
+
+
+@dataclass
+class ObjectiveContext:
+    n_tokens: dict[str, float]  # global response-token count of each named batch
+    all_reduce: AllReduce | None = None  # sums a tensor over learner ranks
+
+
+# ---------------------------------------------------------------------------------------------
+# token-level baselines on one batch named 'train'
+
+def sft_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext):
+    """CE of the batch's response tokens (SFT on gold; SeqKD on teacher generations)."""
+    f = fwd["train"]
+    loss = losses.sft(f.token_logp, f.mask, ctx.n_tokens["train"])
+    return loss, {"loss/sft": loss.detach()}
+
+
+DIVERGENCES = {"fkl": losses.forward_kl, "rkl": losses.reverse_kl, "tvd": losses.total_variation,
+               "jsd": losses.js_distance, "gjsd": losses.generalized_jsd,
+               "sfkl": losses.skew_forward_kl, "srkl": losses.skew_reverse_kl}
+
+
+def divergence_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext, divergence: str, **kw):
+    """Token-mean divergence between the teacher and the student on the 'train' batch.
+
+    `divergence` names a function of rlkd.losses (DIVERGENCES); `kw` are its hyperparameters
+    (jsd: lam, gjsd: beta, sfkl/srkl: lam). Top-k teacher scores compare over the top-k + tail bins.
+    """
+    f = fwd["train"]
+    s, t = losses.on_support(f.logp, f.teacher)
+    loss = DIVERGENCES[divergence](s, t, f.mask, n_tokens=ctx.n_tokens["train"], **kw)
+    return loss, {f"loss/{divergence}": loss.detach()}
+
+
+# ---------------------------------------------------------------------------------------------
+# OKD (ALGORITHMS.md §2.2, §5.4-5.8): one forward, two losses, two optimizer steps
+
+def okd_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext, alpha: float, student_loss: str = "fkl",
+                  jsd_beta: float = 0.5):
+    """Teacher (LoRA): α·KL(p_s ‖ p_ta) + (1−α)·CE(gold), p_s detached. Student: KL(p_ta ‖ p_s) with
+    p_ta detached ('rkl': KL(p_s ‖ p_ta); 'jsd': generalized JSD(β)). Both from the same, pre-update
+    forward pass; the two graphs touch disjoint parameters, so each loss steps only its model."""
+    f, n = fwd["train"], ctx.n_tokens["train"]
+    ta, s = f.adapted_logp, f.logp
+    kl_t = losses.forward_kl(ta, s.detach(), f.mask, n)  # forward_kl(x, y) = KL(y ‖ x)
+    ce_t = losses.sft(ta.gather(-1, f.targets.unsqueeze(-1)).squeeze(-1), f.mask, n)
+    teacher = alpha * kl_t + (1 - alpha) * ce_t
+    if student_loss == "fkl":
+        student = losses.forward_kl(s, ta.detach(), f.mask, n)
+    elif student_loss == "rkl":
+        student = losses.reverse_kl(s, ta.detach(), f.mask, n)
+    else:
+        student = losses.generalized_jsd(s, ta.detach(), f.mask, jsd_beta, n)
+    metrics = {"loss/student": student.detach(), "loss/teacher": teacher.detach(),
+               "okd/teacher_kl": kl_t.detach(), "okd/teacher_ce": ce_t.detach()}
+    return {"student": student, "teacher": teacher}, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# MiniLLM (ALGORITHMS.md §3.7), without the OpenWebText term
+
+def minillm_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext, gamma: float, clip: float,
+                      single_step_reg: bool, length_norm: bool, whiten_returns: bool, reward_clip: float):
+    """PPO on the reward r_t = log p(y_t) − log q_old(y_t) (+ the exact single-step KL(q_t ‖ p_t)).
+
+    Returns R_t = Σ_{t'≥t} γ^{t'−t} r_t', divided by the remaining length and whitened globally.
+    Tokens drawn from the teacher mixture carry w = q_old / (α p + (1−α) q_old) on the ratio.
+    """
+    f, n = fwd["on"], ctx.n_tokens["on"]
+    rewards = (f.teacher.token_logp - f.old_logp).clamp(-reward_clip, reward_clip)
+    returns = future_returns(rewards, f.mask, gamma, include_current=True, length_normalize=length_norm)
+    if whiten_returns:
+        returns = whiten(returns, f.mask, ctx.all_reduce)
+    weights = None if f.behavior_logprobs is None else (f.old_logp - f.behavior_logprobs).exp()
+    pg = losses.ppo_clip(f.token_logp, f.old_logp, returns, f.mask, clip, weights, n)
+    s, t = losses.on_support(f.logp, f.teacher)
+    reg = losses.reverse_kl(s, t, f.mask, n)
+    total = pg + reg if single_step_reg else pg
+    return total, {"loss/pg": pg.detach(), "loss/reg": reg.detach(), "loss/policy": total.detach(),
+                   "minillm/reward": losses.token_mean(rewards, f.mask, n).detach()}
+
+
+# ---------------------------------------------------------------------------------------------
+# AMMD (ALGORITHMS.md §1.3, all [R]): min_θ max_f  β·d_off(θ, f_off) + (1−β)·d_on(θ, f_on)
+
+def _critic_on_support(critic: torch.Tensor, teacher: TeacherScores) -> torch.Tensor:
+    return critic if teacher.index is None else critic.gather(-1, teacher.index)
+
+
+def ammd_gaps(f: StudentForward) -> torch.Tensor:
+    """Per-token δ_t = Σ_a (p* − q)(a)·f(a) on the teacher's support (top-k: no tail bin, since
+    the critic has no value for 'every other token') -> (B, R)."""
+    s, t = losses.on_support(f.logp, f.teacher, with_tail=False)
+    return losses.moment_gap(s, t, _critic_on_support(f.critic, f.teacher))
+
+
+def _weighted_distances(fwd, ctx, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    total, metrics = torch.zeros(()), {}
+    for name, weight in (("off", beta), ("on", 1.0 - beta)):
+        if weight == 0:
+            continue
+        d = losses.token_mean(ammd_gaps(fwd[name]), fwd[name].mask, ctx.n_tokens[name])
+        total = total + weight * d
+        metrics[f"ammd/d_{name}"] = d.detach()
+    return total, metrics
+
+
+def ammd_critic_objective(fwd, ctx: ObjectiveContext, beta: float):
+    """Critic (moment estimator) ascent on the weighted distance: loss = −(β d_off + (1−β) d_on)."""
+    total, _ = _weighted_distances(fwd, ctx, beta)  # the distances are reported by the policy step
+    return -total, {"loss/critic": -total.detach()}
+
+
+def ammd_policy_objective(fwd, ctx: ObjectiveContext, beta: float, pg_coef: float, whiten_returns: bool):
+    """Student descent on β d_off + (1−β)(d_on + pg_coef·PG).
+
+    The off-policy states are data, so d_off's gradient is exact through q. The on-policy states
+    depend on θ: the long-term part is REINFORCE with reward −δ_t' summed over t' > t, divided by
+    the number of summed tokens and whitened over the global batch (MiniLLM's variance reduction).
+    """
+    total, metrics = _weighted_distances(fwd, ctx, beta)
+    if beta < 1 and pg_coef > 0:
+        on = fwd["on"]
+        returns = future_returns(-ammd_gaps(on).detach(), on.mask)
+        if whiten_returns:
+            returns = whiten(returns, on.mask, ctx.all_reduce)
+        pg = losses.policy_gradient(on.token_logp, returns, on.mask, ctx.n_tokens["on"])
+        total = total + (1 - beta) * pg_coef * pg
+        metrics["loss/pg"] = pg.detach()
+    metrics["loss/policy"] = total.detach()
+    return total, metrics

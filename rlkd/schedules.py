@@ -1,0 +1,132 @@
+"""Data schedules: which sequences a method trains on at each step.
+
+A schedule turns the step's prompts into named batches by calling the controller's sources
+(gold responses, cached teacher generations, fresh student rollouts, teacher-mixed rollouts). Methods
+whose data never changes use `Fixed`; GKD, ImitKD and DistiLLM pick per step, with a seeded RNG so
+a run is reproducible. Pure Python: the controller owns every actor call.
+"""
+from __future__ import annotations
+
+import random
+from collections import deque
+from typing import Protocol
+
+from rlkd.batch import SequenceBatch
+from rlkd.data import TokenizedExample
+
+# where a batch's sequences come from
+GOLD, TEACHER_GEN, ROLLOUT, MIXED = "gold", "teacher_generated", "rollout", "teacher_mixed_rollout"
+
+
+class Sources(Protocol):
+    pad_id: int
+
+    def get(self, source: str, rows: list[TokenizedExample], step: int) -> SequenceBatch: ...
+
+
+class ReplayBuffer:
+    """FIFO buffer of (prompt ids, response ids); sampled uniformly (distillm `ReplayBuffer`)."""
+
+    def __init__(self, capacity: int, seed: int):
+        self.items: deque = deque(maxlen=capacity)
+        self.rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, batch: SequenceBatch) -> None:
+        self.items.extend(batch.to_lists())
+
+    def sample(self, n: int, pad_id: int) -> SequenceBatch:
+        picked = self.rng.sample(list(self.items), min(n, len(self.items)))
+        return SequenceBatch.collate([p for p, _ in picked], [r for _, r in picked], pad_id)
+
+
+class Fixed:
+    """The same sources every step, e.g. {'gold': GOLD} or AMMD's {'off': TEACHER_GEN, 'on': ROLLOUT}."""
+
+    def __init__(self, sources: dict[str, str]):
+        self.sources = sources
+        self.uses = frozenset(sources.values())
+
+    def batches(self, step: int, rows: list[TokenizedExample], src: Sources) -> dict[str, SequenceBatch]:
+        return {name: src.get(source, rows, step) for name, source in self.sources.items()}
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+
+class OnPolicyMix:
+    """GKD / ImitKD: with probability λ train on fresh student generations, else on `off_source`.
+
+    With a replay buffer (ImitKD as distillm runs it) the fresh batch is pushed into the buffer and
+    the step trains on a uniform sample of the buffer instead (ALGORITHMS.md §3.8-3.9).
+    """
+
+    def __init__(self, lmbda: float, off_source: str, seed: int, capacity: int = 0):
+        self.lmbda, self.off_source = lmbda, off_source
+        self.rng = random.Random(seed)
+        self.buffer = ReplayBuffer(capacity, seed + 1) if capacity else None
+        self.uses = frozenset(({ROLLOUT} if lmbda > 0 else set()) | ({off_source} if lmbda < 1 else set()))
+        self.last_on_policy = 0.0
+
+    def batches(self, step: int, rows: list[TokenizedExample], src: Sources) -> dict[str, SequenceBatch]:
+        on = self.rng.random() < self.lmbda
+        self.last_on_policy = float(on)
+        if not on:
+            return {"train": src.get(self.off_source, rows, step)}
+        fresh = src.get(ROLLOUT, rows, step)
+        if self.buffer is None:
+            return {"train": fresh}
+        self.buffer.add(fresh)
+        return {"train": self.buffer.sample(len(rows), src.pad_id)}
+
+    def metrics(self) -> dict[str, float]:
+        out = {"data/on_policy": self.last_on_policy}
+        if self.buffer is not None:
+            out["data/replay_size"] = float(len(self.buffer))
+        return out
+
+
+class AdaptiveSGO:
+    """DistiLLM's adaptive off-policy student-generated outputs (`--type adaptive-*`, §3.6).
+
+    Each step draws r ~ U(0,1). With threshold th and the decreasing ratio s = th·(1 − step/total):
+    r < s, or r < th with the buffer not yet full -> fresh student batch (pushed to the buffer);
+    r < th -> a uniform batch from the buffer; otherwise the gold batch. At each validation the
+    threshold rises by 0.1 (max 1) if the validation CE grew by at least loss_eps.
+    """
+
+    def __init__(self, init_threshold: float, loss_eps: float, capacity: int, total_steps: int, seed: int):
+        self.threshold, self.loss_eps, self.total = init_threshold, loss_eps, total_steps
+        self.capacity = capacity
+        self.buffer = ReplayBuffer(capacity, seed + 1)
+        self.rng = random.Random(seed)
+        self.prev_loss: float | None = None
+        self.uses = frozenset({GOLD, ROLLOUT})
+        self.last = "gold"
+
+    def batches(self, step: int, rows: list[TokenizedExample], src: Sources) -> dict[str, SequenceBatch]:
+        r = self.rng.random()
+        s = self.threshold * (1 - step / self.total)
+        if r < s or (r < self.threshold and len(self.buffer) < self.capacity):
+            fresh = src.get(ROLLOUT, rows, step)
+            self.buffer.add(fresh)
+            self.last = "fresh"
+            return {"train": fresh}
+        if r < self.threshold:
+            self.last = "replay"
+            return {"train": self.buffer.sample(len(rows), src.pad_id)}
+        self.last = "gold"
+        return {"train": src.get(GOLD, rows, step)}
+
+    def on_validation(self, loss: float) -> None:
+        if self.prev_loss is None:
+            self.prev_loss = loss
+        elif loss >= self.prev_loss + self.loss_eps:
+            self.threshold = min(self.threshold + 0.1, 1.0)
+            self.prev_loss = loss
+
+    def metrics(self) -> dict[str, float]:
+        return {"distillm/threshold": self.threshold, "data/replay_size": float(len(self.buffer)),
+                "data/fresh": float(self.last == "fresh"), "data/replay": float(self.last == "replay")}

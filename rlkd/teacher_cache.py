@@ -1,0 +1,40 @@
+"""Teacher generations cached on disk (AMMD's off-policy data, SeqKD, GKD seq_kd).
+
+Sampling the teacher is the expensive part of those methods, and the samples depend only on the
+teacher, the prompts and the sampling settings, so they are generated once per prompt and reused
+by later runs (ALGORITHMS.md §5.2: "pre-generate them once, as SeqKD data"). The key hashes every
+input that changes them; a run only ever reads entries written under its own key.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+
+def _fingerprint(model_dir: Path) -> list:
+    """Path, size and mtime of each weight file: changes whenever the weights do."""
+    files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
+    return [str(model_dir.resolve())] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+class TeacherGenerations:
+    def __init__(self, cfg, prep):
+        d, r = cfg.data, cfg.rollout
+        key = json.dumps([_fingerprint(Path(prep.teacher_dir)), str(d.train_file), d.max_rows, d.val_size, d.split_seed,
+                          d.max_prompt_tokens, d.max_response_tokens, r.temperature, cfg.train.seed,
+                          cfg.teacher.temperature], default=str)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        self.path = Path(cfg.model.cache_dir).expanduser() / "teacher_generations" / f"{digest}.json"
+        self.responses: dict[int, list[int]] = {}
+        if self.path.is_file():
+            self.responses = {int(k): v for k, v in json.loads(self.path.read_text()).items()}
+        self._loaded = len(self.responses)
+
+    def save(self) -> None:
+        if len(self.responses) == self._loaded:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({str(k): v for k, v in self.responses.items()}))
+        tmp.replace(self.path)  # atomic: a killed run never leaves a half-written cache
