@@ -46,6 +46,7 @@ class Controller:
         self.val_rows = list(val_rows)
         self.synced = True  # rollout actors start from the learners' initial weights
         self.timings: dict[str, float] = {}
+        self.generated_tokens = 0  # student tokens sampled this step (fresh rollouts, replayed or not)
 
     @property
     def pad_id(self) -> int:
@@ -88,6 +89,7 @@ class Controller:
         temperature = self.method.rollout_temperature or self.s.temperature
         out = self._generate(self.rollouts, prompts, self.s.seed + 1_000_003 * step, temperature,
                              self.method.mix_alpha if mixed else 0.0)
+        self.generated_tokens += sum(len(r) for r in out["responses"])
         return SequenceBatch.collate(prompts, out["responses"], self.s.pad_id, out["logprobs"],
                                      out.get("behavior_logprobs"))
 
@@ -125,7 +127,7 @@ class Controller:
 
     def step(self, step: int) -> dict[str, float]:
         """Run training step `step` (1-based); returns its metrics, including timing/<phase>."""
-        m, metrics, self.timings = self.method, {}, {}
+        m, metrics, self.timings, self.generated_tokens = self.method, {}, {}, 0
         t_start = time.perf_counter()
         rows = self.sampler.next(self.s.batch_size)
         batches = m.schedule.batches(step, rows, self)
@@ -141,9 +143,12 @@ class Controller:
                     metrics.update(self.learners.train(m.critic_objective, "critic", check and k == 0))
             check = False
         if m.critic_objective is None or step > m.critic_warmup_steps:  # warm-up: only the critic trains
-            with self.phase("policy"):
-                for epoch in range(m.policy_epochs):
-                    metrics.update(self.learners.train(m.policy_objective, m.train_targets, check and epoch == 0))
+            with self.phase("policy"):  # PPO: several epochs on the batch; report the first (pre-update) one
+                epochs = [self.learners.train(m.policy_objective, m.train_targets, check and e == 0)
+                          for e in range(m.policy_epochs)]
+            metrics.update(epochs[0])
+            if len(epochs) > 1:
+                metrics.update({f"{k}_last_epoch": v for k, v in epochs[-1].items() if k.startswith("loss/")})
             self.synced = False
             if self.rollouts and step % self.s.sync_every == 0:
                 with self.phase("sync"):
@@ -154,7 +159,7 @@ class Controller:
                 metrics["val/ce"] = self.validation_ce()
             m.schedule.on_validation(metrics["val/ce"])
         metrics.update(m.schedule.metrics())
-        return self._finish(step, metrics, n_tokens, batches, t_start)
+        return self._finish(step, metrics, n_tokens, t_start)
 
     def validation_ce(self) -> float:
         """Token-mean CE of the gold validation responses under the current student."""
@@ -165,7 +170,7 @@ class Controller:
                                  {"train": float(val.num_tokens())})
         return self.learners.evaluate(sft_objective)["loss/sft"]
 
-    def _finish(self, step: int, metrics: dict, n_tokens: dict, batches: dict, t_start: float) -> dict:
+    def _finish(self, step: int, metrics: dict, n_tokens: dict, t_start: float) -> dict:
         self._check_sync(metrics, step)
         elapsed = time.perf_counter() - t_start
         trained = sum(n_tokens.values())
@@ -173,8 +178,7 @@ class Controller:
         metrics.update({"step": step, "timing/step": elapsed, "tokens/trained": trained,
                         "throughput/tokens_per_s": trained / elapsed, "data/position": self.sampler.position})
         if "timing/rollout" in self.timings:
-            fresh = sum(n_tokens[k] for k, b in batches.items() if b.rollout_logprobs is not None)
-            metrics["throughput/rollout_tokens_per_s"] = fresh / self.timings["timing/rollout"]
+            metrics["throughput/rollout_tokens_per_s"] = self.generated_tokens / self.timings["timing/rollout"]
         return metrics
 
     def _check_sync(self, metrics: dict, step: int) -> None:

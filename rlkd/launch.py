@@ -24,6 +24,7 @@ from rlkd.data import (
 )
 from rlkd.evaluation import decode, rouge_l
 from rlkd.models import (
+    check_lora_targets,
     check_model_dir,
     check_same_tokenizer,
     embedded_models,
@@ -77,6 +78,8 @@ def prepare(cfg: Config, log: Callable = print) -> Prepared:
         teacher_dir = check_model_dir(cfg.model.teacher, "teacher")
         student_dir = check_model_dir(cfg.model.student, "student")
     vocab = check_same_tokenizer(teacher_dir, student_dir, cfg.model.trust_remote_code)
+    if cfg.algo.method == "okd":
+        check_lora_targets(teacher_dir, cfg.algo.okd.lora_targets, cfg.model.trust_remote_code)
     tok = load_tokenizer(student_dir, cfg.model.trust_remote_code)
     d = cfg.data
     train_tok = tokenize(train_ex, tok, d.max_prompt_tokens, d.max_response_tokens)

@@ -79,6 +79,27 @@ def check_same_tokenizer(teacher_dir: str | Path, student_dir: str | Path, trust
 # embedded default
 
 
+def check_lora_targets(model_dir: str | Path, targets: str, trust_remote_code: bool = False) -> list[str]:
+    """The module names of `targets` (comma-separated) that the model has; ConfigError otherwise.
+
+    Builds the architecture on the meta device (no weights read), so it is cheap for any size.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    modules = [m.strip() for m in targets.split(",") if m.strip()]
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in modules if m not in present]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)})
+        raise ConfigError(f"config field algo.okd.lora_targets={targets!r} is invalid: the teacher has no modules "
+                          f"named {missing}; its linear layers are {linear}")
+    return modules
+
+
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast

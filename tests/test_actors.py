@@ -4,10 +4,10 @@ import torch
 
 from actors.rollout import RolloutActor
 from actors.teacher import TeacherActor
-from rlkd.objectives import sft_objective
 from rlkd.batch import SequenceBatch
 from rlkd.forward import response_forward, token_logprobs
 from rlkd.models import load_model
+from rlkd.objectives import sft_objective
 
 MAX_NEW = 8
 
@@ -96,3 +96,26 @@ def test_weight_sync_makes_rollout_match_learner(ray_cluster, rollouts, tiny_mod
 
         state = {k: v.contiguous() for k, v in load_model(tiny_models[1]).state_dict().items()}
         ray_cluster.get(rollouts[backend].update_weights.remote(save(state)))
+
+
+def test_teacher_mixed_sampling_logprobs(ray_cluster, tiny_models, tiny_data):
+    """MiniLLM's sampler: both models advance in one token loop; the returned log-probs are the
+    student's and the mixture's, as a teacher-forced forward of each model gives them."""
+    tok, data = tiny_data
+    alpha = 0.2
+    actor = ray_cluster.remote(RolloutActor).options(num_cpus=1).remote(
+        str(tiny_models[1]), "hf", tok.pad_token_id, tok.eos_token_id, mix_teacher_dir=str(tiny_models[0]))
+    prompts = [d.prompt_ids for d in data[:6]]
+    out = ray_cluster.get(actor.generate_mixed.remote(prompts, MAX_NEW, alpha, len(tok), 1.0, 4))
+    batch = SequenceBatch.collate(prompts, out["responses"], tok.pad_token_id, out["logprobs"],
+                                  out["behavior_logprobs"])
+    student, teacher = _reference_logprobs(tiny_models[1], batch), _reference_logprobs(tiny_models[0], batch)
+    mixture = torch.logaddexp(teacher + torch.log(torch.tensor(alpha)), student + torch.log(torch.tensor(1 - alpha)))
+    m = batch.response_mask.bool()
+    assert (student - batch.rollout_logprobs).abs()[m].max() < 1e-3
+    assert (mixture - batch.behavior_logprobs).abs()[m].max() < 1e-3
+    assert all(tok.eos_token_id not in r[:-1] for r in out["responses"])
+    with pytest.raises(Exception, match="needs rollout.backend='hf'"):
+        ray_cluster.get(ray_cluster.remote(RolloutActor).options(num_cpus=1).remote(
+            str(tiny_models[1]), "vllm", tok.pad_token_id, tok.eos_token_id, vllm_cpu_kv_cache_gib=0.1,
+            max_model_len=128, mix_teacher_dir=str(tiny_models[0])).ready.remote())

@@ -47,3 +47,15 @@ def test_empty_dataset(capsys, out_dir, tmp_path):
     empty.write_text("\n")
     code, err = _run(capsys, out_dir, f"data.train_file={empty}")
     _assert_clean_failure(code, err, out_dir, "has no usable rows")
+
+
+def test_okd_lora_targets_the_teacher_lacks(capsys, out_dir, tiny_models):
+    code, err = _run(capsys, out_dir, f"model.teacher={tiny_models[0]}", f"model.student={tiny_models[1]}",
+                     "algo.method=okd", "algo.okd.lora_targets=c_attn")
+    _assert_clean_failure(code, err, out_dir, "algo.okd.lora_targets='c_attn' is invalid")
+    assert "q_proj" in err[0]  # names what is allowed
+
+
+def test_teacher_mixed_sampling_needs_hf_backend(capsys, out_dir):
+    code, err = _run(capsys, out_dir, "algo.method=minillm", "rollout.backend=vllm")
+    _assert_clean_failure(code, err, out_dir, "algo.minillm.teacher_mix_alpha=0.2 is invalid")

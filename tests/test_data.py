@@ -3,7 +3,14 @@ import json
 
 import pytest
 
-from rlkd.data import DataError, PromptSampler, format_prompt, read_examples, split, tokenize
+from rlkd.data import (
+    DataError,
+    PromptSampler,
+    format_prompt,
+    read_examples,
+    split,
+    tokenize,
+)
 
 
 def test_template_matches_minillm():

@@ -1,16 +1,16 @@
 """DeepSpeed learner group: ZeRO stages 0-3 on CPU, and N ranks == 1 rank on the same data."""
+from functools import partial
+
 import pytest
 import torch
 
 from learners.group import LearnerGroup
-from functools import partial
-
 from rlkd.algorithms import build_method
-from rlkd.config import load_config
-from rlkd.objectives import divergence_objective
 from rlkd.batch import SequenceBatch, TeacherScores, shard_named
+from rlkd.config import load_config
 from rlkd.forward import response_forward
 from rlkd.models import load_model
+from rlkd.objectives import divergence_objective
 
 
 def _batches(tiny_models, tiny_data, n=8):

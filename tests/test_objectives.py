@@ -7,8 +7,20 @@ import pytest
 import torch
 
 from rlkd.batch import SequenceBatch, StudentForward, TeacherScores
-from rlkd.objectives import ObjectiveContext, divergence_objective, minillm_objective, okd_objective
-from rlkd.schedules import GOLD, ROLLOUT, TEACHER_GEN, AdaptiveSGO, OnPolicyMix, ReplayBuffer
+from rlkd.objectives import (
+    ObjectiveContext,
+    divergence_objective,
+    minillm_objective,
+    okd_objective,
+)
+from rlkd.schedules import (
+    GOLD,
+    ROLLOUT,
+    TEACHER_GEN,
+    AdaptiveSGO,
+    OnPolicyMix,
+    ReplayBuffer,
+)
 
 B, R, V = 2, 4, 5
 MASK = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
