@@ -6,7 +6,7 @@ hyperparameters. Every method runs through the same actors, learners, data and o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 from rlkd import objectives as obj
@@ -57,7 +57,6 @@ class Method:
     rollout_temperature: float | None = None  # overrides rollout.temperature (GKD: 0.9)
     mix_alpha: float = 0.0  # MiniLLM teacher-mixed sampling
     validate_every: int = 0  # DistiLLM: steps between validation-CE checks (0: never)
-    extra: dict = field(default_factory=dict)
 
     @property
     def uses_rollouts(self) -> bool:

@@ -87,3 +87,26 @@ def test_zero_stage_trains_and_exports(ray_cluster, tiny_models, tiny_data, stag
         assert all(torch.equal(reloaded[k], state[k]) for k in state)
     finally:
         group.shutdown()
+
+
+def test_okd_two_rank_zero2_matches_one_rank(ray_cluster, tiny_models, tiny_data):
+    """OKD's two engines (student + teacher LoRA) in one rank: 2-rank ZeRO-2 takes the 1-rank steps."""
+    from rlkd.objectives import okd_objective
+
+    tok, _ = tiny_data
+    batches, _ = _batches(tiny_models, tiny_data)
+    results = []
+    for ranks in (1, 2):
+        group = LearnerGroup(ranks, 1.0, student_dir=str(tiny_models[1]), vocab_size=len(tok), zero_stage=2,
+                             student_lr=1e-2, critic_lr=1e-3, weight_decay=0.0, grad_clip=1.0, seed=3,
+                             adapted_teacher={"teacher_dir": str(tiny_models[0]), "rank": 4, "scale": 2.0,
+                                              "targets": "q_proj,v_proj", "lr": 0.0})
+        try:
+            group.load_batch(shard_named({"train": batches["on"]}, ranks), [{} for _ in range(ranks)],
+                             {"train": float(batches["on"].num_tokens())})
+            results.append([group.train(partial(okd_objective, alpha=0.5), ("student", "teacher")) for _ in range(3)])
+        finally:
+            group.shutdown()
+    for a, b in zip(*results):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
