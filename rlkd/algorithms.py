@@ -63,8 +63,8 @@ class Method:
         return bool(self.schedule.uses & {ROLLOUT, MIXED})
 
     @property
-    def uses_teacher_actors(self) -> bool:
-        return self.needs_teacher_scores or TEACHER_GEN in self.schedule.uses
+    def uses_teacher_generations(self) -> bool:
+        return TEACHER_GEN in self.schedule.uses
 
 
 def _gold(policy, label, **kw) -> Method:

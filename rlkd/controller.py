@@ -63,8 +63,7 @@ class Controller:
         if source == GOLD:
             return SequenceBatch.collate([r.prompt_ids for r in rows], [r.response_ids for r in rows], self.pad_id)
         if source == TEACHER_GEN:
-            with self.phase("teacher_gen"):
-                return self._teacher_generated(rows, step)
+            return self._teacher_generated(rows, step)
         if source in (ROLLOUT, MIXED):
             with self.phase("rollout"):
                 return self._rollout(rows, step, mixed=source == MIXED)
@@ -96,9 +95,10 @@ class Controller:
     def _teacher_generated(self, rows: list[TokenizedExample], step: int) -> SequenceBatch:
         """Teacher responses, sampled once per prompt and cached (ALGORITHMS.md §5.2)."""
         todo = [r for r in rows if r.uid not in self.teacher_cache]
-        if todo:
-            out = self._generate(self.teachers, [r.prompt_ids for r in todo], self.s.seed + 7 * step + 1,
-                                 self.s.temperature)
+        if todo:  # timed only when the teacher actually samples (cache hits cost nothing)
+            with self.phase("teacher_gen"):
+                out = self._generate(self.teachers, [r.prompt_ids for r in todo], self.s.seed + 7 * step + 1,
+                                     self.s.temperature)
             self.teacher_cache.update({r.uid: resp for r, resp in zip(todo, out["responses"])})
         return SequenceBatch.collate([r.prompt_ids for r in rows], [self.teacher_cache[r.uid] for r in rows],
                                      self.s.pad_id)

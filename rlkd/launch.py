@@ -119,7 +119,8 @@ class Groups:
     method: Method
 
 
-def start_groups(cfg: Config, prep: Prepared, method: Method, log: Callable = print) -> Groups:
+def start_groups(cfg: Config, prep: Prepared, method: Method, cache: TeacherGenerations,
+                 log: Callable = print) -> Groups:
     import ray
 
     from actors.rollout import RolloutActor
@@ -130,7 +131,8 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, log: Callable = pr
     t0 = time.time()
     env = lambda cpus: {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}}
     teachers = []
-    if m.uses_teacher_actors:  # OKD and SFT need none: OKD's teacher lives in the learners
+    # OKD and SFT need none (OKD's teacher lives in the learners); SeqKD none once every prompt is cached
+    if m.needs_teacher_scores or (m.uses_teacher_generations and not cache.covers(prep.train)):
         teacher_cls = ray.remote(TeacherActor).options(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus,
                                                        runtime_env=env(cfg.teacher.num_cpus))
         teachers = [teacher_cls.remote(str(prep.teacher_dir), prep.vocab_size, tok.pad_token_id, tok.eos_token_id,
@@ -197,13 +199,13 @@ def evaluate(cfg: Config, prep: Prepared, model_dir: Path | None, teacher_actor=
     return rouge_l(decode(tok, responses), [r.references for r in rows])
 
 
-def _train(cfg: Config, prep: Prepared, groups: Groups, run_dir: Path, log: Callable) -> list[dict]:
+def _train(cfg: Config, prep: Prepared, groups: Groups, cache: TeacherGenerations, run_dir: Path,
+           log: Callable) -> list[dict]:
     from rlkd.controller import Controller, StepSettings
 
     tok, r = prep.tokenizer, cfg.rollout
     settings = StepSettings(cfg.train.batch_size, cfg.data.max_response_tokens, r.temperature, r.top_p,
                             r.sync_every, r.sync_check_tol, tok.pad_token_id, cfg.train.seed, prep.vocab_size)
-    cache = TeacherGenerations(cfg, prep)
     controller = Controller(groups.method, settings, PromptSampler(prep.train, cfg.train.seed), groups.learners,
                             groups.rollouts, groups.teachers, cache.responses, prep.val)
     writer, history, t0 = MetricsWriter(run_dir), [], time.time()
@@ -244,10 +246,11 @@ def run(cfg: Config, log: Callable = print) -> Path:
     started = connect_ray(cfg, log)
     groups = None
     try:
-        groups = start_groups(cfg, prep, method, log)
+        cache = TeacherGenerations(cfg, prep)
+        groups = start_groups(cfg, prep, method, cache, log)
         scores = {"teacher": evaluate(cfg, prep, prep.teacher_dir, (groups.teachers or [None])[0]),
                   "student_before": evaluate(cfg, prep, prep.student_dir)}
-        history = _train(cfg, prep, groups, run_dir, log)
+        history = _train(cfg, prep, groups, cache, run_dir, log)
         final_dir = run_dir / "student"
         groups.learners.save_student(str(final_dir))
         prep.tokenizer.save_pretrained(str(final_dir))

@@ -31,6 +31,10 @@ class TeacherGenerations:
             self.responses = {int(k): v for k, v in json.loads(self.path.read_text()).items()}
         self._loaded = len(self.responses)
 
+    def covers(self, rows) -> bool:
+        """Every row's teacher response is cached (then no teacher actor needs to start for it)."""
+        return all(r.uid in self.responses for r in rows)
+
     def save(self) -> None:
         if len(self.responses) == self._loaded:
             return

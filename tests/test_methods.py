@@ -1,6 +1,7 @@
 """Every method's config under configs/methods/ end to end through the same pipeline (Ray actors,
 DeepSpeed learner, real tiny models): the training loss goes down, every student parameter
-changes, and methods without rollouts start no rollout actors. AMMD's own smoke test is test_e2e.py."""
+changes, and methods without rollouts start no rollout actors. AMMD's own smoke test is test_e2e.py; its
+ablations here check that the weighted moment-matching distance falls after the critic warm-up."""
 import json
 import math
 from pathlib import Path
@@ -129,6 +130,20 @@ def test_ammd_ablation_runs(ray_cluster, root, name):
     beta, k = cfg.algo.ammd.beta, cfg.algo.ammd.critic_steps
     trained = rows[cfg.algo.ammd.critic_warmup_steps:]
     assert all(("ammd/d_on" in r) == (beta < 1) and ("ammd/d_off" in r) == (beta > 0) for r in trained)
-    assert ("timing/rollout" in rows[0]) == (beta < 1) and ("timing/teacher_gen" in rows[0]) == (beta > 0)
-    d = [beta * r.get("ammd/d_off", 0.0) + (1 - beta) * r.get("ammd/d_on", 0.0) for r in trained]
-    assert all(math.isfinite(x) for x in d) and k >= 1
+    assert ("timing/rollout" in rows[0]) == (beta < 1)  # (teacher samples may come from the shared disk cache)
+    assert all(r["timing/critic"] > 0 for r in rows) and k >= 1
+    _went_down([beta * r.get("ammd/d_off", 0.0) + (1 - beta) * r.get("ammd/d_on", 0.0) for r in trained])
+
+
+def test_seqkd_reuses_cached_teacher_generations(ray_cluster, root):
+    """Once every training prompt has a cached teacher response, SeqKD starts no teacher actor at all."""
+    small = ["data.max_rows=40", "train.steps=3", f"model.cache_dir={root / 'seqkd_cache'}"]  # 24 train rows
+    _, _, first = _run("seqkd", root, "run.name=seqkd_a", *small)
+    assert all("timing/teacher_gen" in r for r in first)
+    lines = []
+    cfg = load_config(str(CONFIGS / "seqkd.yaml"), [f"run.output_dir={root}", "run.name=seqkd_b",
+                                                     "eval.num_examples=0", *small])
+    run_dir = run(cfg, log=lines.append)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not any("timing/teacher_gen" in r for r in rows)
+    assert any(line.startswith("actors: 0 teacher, 0 rollout") for line in lines), lines
