@@ -1,0 +1,180 @@
+"""`python -m rlkd.eval`: ROUGE-L over seeds, and teacher agreement metrics, for any HF model directory.
+
+    python -m rlkd.eval --model DIR [--teacher DIR] --data FILE.jsonl [--seeds 10,20,30]
+                        [--max-examples N] --out DIR [--backend hf|vllm]
+
+Generation follows ALGORITHMS.md §4.1 (MiniLLM's protocol) and runs in a rollout actor, batched.
+With --teacher, teacher-forced metrics on the first reference (§4.2-4.4). Like rlkd.launch, this is an
+entry point (composition root), so it may import actors/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from rlkd.config import ConfigError
+from rlkd.batch import SequenceBatch
+from rlkd.data import DataError, read_examples, tokenize
+from rlkd.evaluation import decode, rouge_l
+from rlkd.models import check_same_tokenizer, load_tokenizer
+
+
+def _model_dir(path: str, flag: str) -> Path:
+    p = Path(path).expanduser()
+    if not (p / "config.json").is_file():
+        why = "no config.json in it" if p.is_dir() else "directory not found"
+        raise ConfigError(f"{flag}={path!r} is invalid: {why} (expected a local Hugging Face model directory)")
+    return p
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m rlkd.eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="HF causal-LM directory to evaluate")
+    ap.add_argument("--teacher", help="HF directory of the teacher (adds agreement, KL, ExAccErr)")
+    ap.add_argument("--data", required=True, help="JSONL: instruction, [input|context], output (str or list)")
+    ap.add_argument("--seeds", default="10,20,30", help="comma-separated sampling seeds, one run each")
+    ap.add_argument("--max-examples", type=int, default=0, help="evaluate the first N usable rows (0 = all)")
+    ap.add_argument("--out", required=True, help="directory for eval.json and eval.md")
+    ap.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="rollout actor engine")
+    ap.add_argument("--max-prompt-tokens", type=int, default=256, help="prompts are cut from the left to this")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="generation length limit")
+    ap.add_argument("--no-repeat-ngram-size", type=int, default=6, help="MiniLLM default 6; 0 disables")
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per teacher-forced scoring call")
+    args = ap.parse_args(argv)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds={args.seeds!r} is invalid: comma-separated integers") from None
+    if not args.seeds:
+        raise ConfigError("--seeds is empty: give at least one integer seed")
+    if args.backend == "vllm" and args.no_repeat_ngram_size:
+        raise ConfigError("--backend=vllm is invalid with --no-repeat-ngram-size > 0 (vLLM has no n-gram "
+                          "blocking); use --backend hf or --no-repeat-ngram-size 0")
+    return args
+
+
+def _score_all(actor, prompts, responses, pad_id, batch_size):
+    """Full next-token log-probs of each response, in chunks -> list of (logp (B,R,V), batch)."""
+    import ray
+
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        batch = SequenceBatch.collate(prompts[i:i + batch_size], responses[i:i + batch_size], pad_id)
+        out.append((ray.get(actor.score.remote(batch)).logp, batch))
+    return out
+
+
+def teacher_metrics(teacher, student, prompts, references, student_samples, pad_id, eos_id, max_new, seed,
+                    batch_size) -> dict:
+    """TOP-1 agreement (all / easy / hard by teacher UNC), token KL(p‖q), ExAccErr(16) and at full length."""
+    import ray
+    import torch
+
+    from rlkd import eval_metrics as M
+
+    def paired(responses):
+        t, s = _score_all(teacher, prompts, responses, pad_id, batch_size), _score_all(
+            student, prompts, responses, pad_id, batch_size)
+        return [(tl, sl, b) for (tl, b), (sl, _) in zip(t, s)]
+
+    hits, uncs, kls, masks = [], [], [], []
+    for t_logp, s_logp, b in paired(references):
+        hits.append(M.top1_hits(t_logp, s_logp).flatten())
+        uncs.append(M.unc(t_logp, b.responses).flatten())
+        kls.append(M.per_token_kl(t_logp, s_logp).flatten())
+        masks.append(b.response_mask.flatten())
+    hits, uncs, kls, mask = (torch.cat(x) for x in (hits, uncs, kls, masks))
+    easy, hard, threshold = M.easy_hard_agreement(hits, uncs, mask)
+    teacher_samples = ray.get(teacher.generate.remote(prompts, max_new, 1.0, 1.0, seed, 0))["responses"]
+
+    def kl_table(responses):  # (N, L) KL(p‖q) per position, padded with 0 and masked
+        rows = [(M.per_token_kl(t, s), b.response_mask) for t, s, b in paired(responses)]
+        width = max(k.shape[1] for k, _ in rows)
+        pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[1]))  # noqa: E731
+        return torch.cat([pad(k) for k, _ in rows]), torch.cat([pad(m) for _, m in rows])
+
+    kl_s, m_s = kl_table(student_samples)
+    kl_t, m_t = kl_table(teacher_samples)
+    full = int(min(m_s.sum(1).max(), m_t.sum(1).max()))
+    return {"top1_agreement": M.masked_mean(hits, mask), "top1_agreement_easy": easy, "top1_agreement_hard": hard,
+            "unc_threshold": threshold, "token_kl_teacher_student": M.masked_mean(kls, mask),
+            "exacc_err_16": M.exacc_err(kl_s, m_s, kl_t, m_t, 16),
+            f"exacc_err_full_{full}": M.exacc_err(kl_s, m_s, kl_t, m_t, full)}
+
+
+def evaluate(args, log=print) -> dict:
+    import ray
+
+    from actors.rollout import RolloutActor
+    from actors.teacher import TeacherActor
+
+    model_dir = _model_dir(args.model, "--model")
+    teacher_dir = _model_dir(args.teacher, "--teacher") if args.teacher else None
+    vocab = check_same_tokenizer(teacher_dir, model_dir) if teacher_dir else None
+    examples, report = read_examples(args.data, args.max_examples)
+    log(report.summary())
+    tok = load_tokenizer(model_dir)
+    rows = tokenize(examples, tok, args.max_prompt_tokens, args.max_new_tokens)
+    prompts, refs = [r.prompt_ids for r in rows], [r.references for r in rows]
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        gen = ray.remote(RolloutActor).options(num_cpus=1).remote(
+            str(model_dir), args.backend, tok.pad_token_id, tok.eos_token_id,
+            max_model_len=args.max_prompt_tokens + args.max_new_tokens + 8)
+        scores, samples = [], {}
+        for seed in args.seeds:
+            out = ray.get(gen.generate.remote(prompts, args.max_new_tokens, 1.0, 1.0, seed, args.no_repeat_ngram_size))
+            samples[seed] = out["responses"]
+            scores.append(rouge_l(decode(tok, out["responses"]), refs))
+            log(f"seed {seed}: ROUGE-L {scores[-1]:.2f}")
+        result = {"model": str(model_dir), "data": str(args.data), "num_examples": len(rows),
+                  "malformed_rows": len(report.malformed), "seeds": args.seeds, "rougeL_per_seed": scores,
+                  "rougeL_mean": statistics.mean(scores),
+                  "rougeL_std": statistics.stdev(scores) if len(scores) > 1 else 0.0}
+        if teacher_dir is not None:
+            scorer = ray.remote(TeacherActor).options(num_cpus=1)
+            teacher = scorer.remote(str(teacher_dir), vocab, tok.pad_token_id, tok.eos_token_id)
+            student = scorer.remote(str(model_dir), vocab, tok.pad_token_id, tok.eos_token_id)
+            gold = [r.response_ids for r in rows]
+            result["teacher"] = str(teacher_dir)
+            result.update(teacher_metrics(teacher, student, prompts, gold, samples[args.seeds[0]],
+                                          tok.pad_token_id, tok.eos_token_id, args.max_new_tokens, args.seeds[0],
+                                          args.batch_size))
+    finally:
+        if started:
+            ray.shutdown()
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = ["| metric | value |", "|---|---|",
+             f"| ROUGE-L (mean ± std over seeds {result['seeds']}) | {result['rougeL_mean']:.2f} ± "
+             f"{result['rougeL_std']:.2f} |"]
+    for k, v in result.items():
+        if k.startswith(("top1", "token_kl", "exacc", "unc")):
+            lines.append(f"| {k} | {v:.4f} |")
+    return f"{result['model']} on {result['data']} ({result['num_examples']} examples)\n\n" + "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        result = evaluate(args)
+    except (ConfigError, DataError) as e:
+        print(f"rlkd.eval: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "eval.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
