@@ -15,8 +15,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from rlkd.config import ConfigError
 from rlkd.batch import SequenceBatch
+from rlkd.config import ConfigError
 from rlkd.data import DataError, read_examples, tokenize
 from rlkd.evaluation import decode, rouge_l
 from rlkd.models import check_same_tokenizer, load_tokenizer
