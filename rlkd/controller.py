@@ -176,6 +176,7 @@ class Controller:
         trained = sum(n_tokens.values())
         metrics.update(self.timings)
         metrics.update({"step": step, "timing/step": elapsed, "tokens/trained": trained,
+                        "tokens/generated": float(self.generated_tokens),
                         "throughput/tokens_per_s": trained / elapsed, "data/position": self.sampler.position})
         if "timing/rollout" in self.timings:
             metrics["throughput/rollout_tokens_per_s"] = self.generated_tokens / self.timings["timing/rollout"]
