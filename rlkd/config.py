@@ -188,6 +188,8 @@ class EvalConfig:
     """Sampling seed of evaluation generation (MiniLLM protocol: temperature 1, top-p 1)."""
     no_repeat_ngram_size: int = 6
     """Blocks repeated n-grams during evaluation generation (MiniLLM default 6)."""
+    every_steps: int = 0
+    """Also score the student's held-out ROUGE-L every this many steps (metric eval/rougeL; 0 = only at the end)."""
 
 
 @dataclass(frozen=True)
@@ -359,7 +361,7 @@ def validate(cfg: Config) -> None:
     _positive(tr, "train", ["steps", "batch_size", "log_every"])
     _check(tr.batch_size % lr.num_ranks == 0, "train.batch_size", tr.batch_size,
            f"a multiple of learner.num_ranks={lr.num_ranks} (the global batch is split evenly)")
-    _positive(cfg.eval, "eval", ["num_examples", "no_repeat_ngram_size"], allow_zero=True)
+    _positive(cfg.eval, "eval", ["num_examples", "no_repeat_ngram_size", "every_steps"], allow_zero=True)
     _check(cfg.eval.num_examples <= d.val_size, "eval.num_examples", cfg.eval.num_examples,
            f"<= data.val_size={d.val_size}")
     _positive(cfg.run, "run", ["num_cpus"], allow_zero=True)

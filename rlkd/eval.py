@@ -106,16 +106,24 @@ def teacher_metrics(teacher, student, prompts, references, student_samples, pad_
 
 
 def evaluate(args, log=print) -> dict:
+    """The CLI's work: read the data file, then `evaluate_examples`."""
+    model_dir = _model_dir(args.model, "--model")
+    teacher_dir = _model_dir(args.teacher, "--teacher") if args.teacher else None
+    examples, report = read_examples(args.data, args.max_examples)
+    log(report.summary())
+    result = evaluate_examples(examples, model_dir, teacher_dir, args, log)
+    result.update(data=str(args.data), malformed_rows=len(report.malformed))
+    return result
+
+
+def evaluate_examples(examples, model_dir: Path, teacher_dir: Path | None, args, log=print) -> dict:
+    """ROUGE-L over args.seeds (and teacher metrics) for parsed examples; args as parse_args gives them."""
     import ray
 
     from actors.rollout import RolloutActor
     from actors.teacher import TeacherActor
 
-    model_dir = _model_dir(args.model, "--model")
-    teacher_dir = _model_dir(args.teacher, "--teacher") if args.teacher else None
     vocab = check_same_tokenizer(teacher_dir, model_dir) if teacher_dir else None
-    examples, report = read_examples(args.data, args.max_examples)
-    log(report.summary())
     tok = load_tokenizer(model_dir)
     rows = tokenize(examples, tok, args.max_prompt_tokens, args.max_new_tokens)
     prompts, refs = [r.prompt_ids for r in rows], [r.references for r in rows]
@@ -132,8 +140,7 @@ def evaluate(args, log=print) -> dict:
             samples[seed] = out["responses"]
             scores.append(rouge_l(decode(tok, out["responses"]), refs))
             log(f"seed {seed}: ROUGE-L {scores[-1]:.2f}")
-        result = {"model": str(model_dir), "data": str(args.data), "num_examples": len(rows),
-                  "malformed_rows": len(report.malformed), "seeds": args.seeds, "rougeL_per_seed": scores,
+        result = {"model": str(model_dir), "num_examples": len(rows), "seeds": args.seeds, "rougeL_per_seed": scores,
                   "rougeL_mean": statistics.mean(scores),
                   "rougeL_std": statistics.stdev(scores) if len(scores) > 1 else 0.0}
         if teacher_dir is not None:

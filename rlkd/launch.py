@@ -129,7 +129,7 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, cache: TeacherGene
 
     tok, m = prep.tokenizer, method
     t0 = time.time()
-    env = lambda cpus: {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}}
+    env = lambda cpus: {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}}  # noqa: E731
     teachers = []
     # OKD and SFT need none (OKD's teacher lives in the learners); SeqKD none once every prompt is cached
     if m.needs_teacher_scores or (m.uses_teacher_generations and not cache.covers(prep.train)):
@@ -208,10 +208,14 @@ def _train(cfg: Config, prep: Prepared, groups: Groups, cache: TeacherGeneration
                             r.sync_every, r.sync_check_tol, tok.pad_token_id, cfg.train.seed, prep.vocab_size)
     controller = Controller(groups.method, settings, PromptSampler(prep.train, cfg.train.seed), groups.learners,
                             groups.rollouts, groups.teachers, cache.responses, prep.val)
-    writer, history, t0 = MetricsWriter(run_dir), [], time.time()
+    writer, history, t0, eval_seconds = MetricsWriter(run_dir), [], time.time(), 0.0
     try:
         for step in range(1, cfg.train.steps + 1):
             m = controller.step(step)
+            m["train/wall_seconds"] = time.time() - t0 - eval_seconds  # training time only, for curves
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.steps:
+                m.update(_evaluate_now(cfg, prep, groups, run_dir))
+                eval_seconds += m["eval/seconds"]
             writer.write(m)
             history.append(m)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -220,6 +224,18 @@ def _train(cfg: Config, prep: Prepared, groups: Groups, cache: TeacherGeneration
         writer.close()
         cache.save()
     return history
+
+
+def _evaluate_now(cfg: Config, prep: Prepared, groups: Groups, run_dir: Path) -> dict:
+    """Held-out ROUGE-L of the current student, for curves against step and training wall clock."""
+    import shutil
+
+    t0 = time.time()
+    snapshot = run_dir / "eval_snapshot"
+    groups.learners.save_student(str(snapshot))
+    score = evaluate(cfg, prep, snapshot)
+    shutil.rmtree(snapshot, ignore_errors=True)
+    return {"eval/rougeL": score, "eval/seconds": time.time() - t0}
 
 
 def _progress_line(m: dict, total: int, elapsed: float) -> str:

@@ -1,4 +1,5 @@
-"""The throughput benchmark's bare-loop reference runs the same objectives on real tiny models."""
+"""Benchmarks under bench/: the throughput bench's bare-loop reference runs the same objectives on real tiny
+models, and the quality bench's --smoke mode runs end to end."""
 import math
 import sys
 from pathlib import Path
@@ -29,3 +30,25 @@ def test_bare_loop_ammd_and_gkd_steps(tiny_models, tiny_data):
         assert any(not (before[k] == v).all() for k, v in loop.student.state_dict().items())
         gen = loop.generator.state_dict()
         assert all((gen[k] == v).all() for k, v in loop.student.state_dict().items())  # weights copied
+
+
+def test_quality_benchmark_smoke(ray_cluster, capsys):
+    """`bench/quality.py --smoke`: two methods x two student sizes end to end, table and plot written."""
+    import json as _json
+
+    from quality import main as quality_main
+
+    assert quality_main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    md_line = next(line for line in out.splitlines() if line.startswith("`python bench/quality.py --smoke`"))
+    assert "3 student optimizer steps" in md_line
+    rows = [line for line in out.splitlines() if line.startswith(("| S |", "| XS |"))]
+    assert len(rows) == 4  # {S, XS} x {sft, ammd}
+    import glob
+
+    latest = max(glob.glob("/tmp/rlkd-quality-*/quality.json"), key=lambda p: Path(p).stat().st_mtime)
+    results = _json.loads(Path(latest).read_text())
+    assert all(math.isfinite(r["exacc_err_16"]) and 0 <= r["top1_agreement"] <= 1 for r in results)
+    assert Path(latest).with_suffix(".png").stat().st_size > 10_000
+    ammd = [r for r in results if r["method"] == "ammd"]
+    assert all(r["generated_tokens"] > 0 for r in ammd) and all(len(r["curve"]) >= 2 for r in ammd)
