@@ -61,9 +61,12 @@ def run_one(base: str, method: str, student: Path, teacher: Path, seed: int, bud
     run_dir = run(load_config(base, overrides), log=lambda *a: None)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "eval.json").read_text())
-    curve = [(r["step"], r["train/wall_seconds"], r["eval/rougeL"]) for r in rows if "eval/rougeL" in r]
+    def student_steps(step):  # x axis in student optimizer steps, the budget's unit
+        return step * 4 if method == "minillm" else max(0, step - warm) if method == "ammd" else step
+
+    curve = [(student_steps(r["step"]), r["train/wall_seconds"], r["eval/rougeL"]) for r in rows if "eval/rougeL" in r]
     last = rows[-1]
-    curve.append((last["step"], last["train/wall_seconds"], summary["rougeL"]["student_after"]))
+    curve.append((student_steps(last["step"]), last["train/wall_seconds"], summary["rougeL"]["student_after"]))
     return run_dir / "student", {"rougeL_dolly": summary["rougeL"]["student_after"], "curve": curve,
                                  "train_seconds": last["train/wall_seconds"], "run_seconds": time.time() - t0,
                                  "generated_tokens": sum(r.get("tokens/generated", 0.0) for r in rows)}
@@ -104,7 +107,8 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method in METHODS:
+    colors = plt.get_cmap("tab20").colors
+    for i, method in enumerate(METHODS):
         rs = [r for r in results if r["method"] == method and r["student"] == "S"]
         if not rs:
             continue
@@ -112,9 +116,11 @@ def plot(results: list[dict], path: Path) -> None:
         steps = [rs[0]["curve"][i][0] for i in range(n)]
         wall = [statistics.mean(r["curve"][i][1] for r in rs) for i in range(n)]
         score = [statistics.mean(r["curve"][i][2] for r in rs) for i in range(n)]
-        axes[0].plot(steps, score, marker="o", label=method)
-        axes[1].plot(wall, score, marker="o", label=method)
-    axes[0].set(xlabel="step", ylabel="held-out Dolly ROUGE-L (mean over seeds)", title="student S: vs step")
+        style = {"color": "black", "linewidth": 2.5} if method == "ammd" else {"color": colors[i], "linewidth": 1.2}
+        axes[0].plot(steps, score, marker="o", label=method, **style)
+        axes[1].plot(wall, score, marker="o", label=method, **style)
+    axes[0].set(xlabel="student optimizer steps", ylabel="held-out Dolly ROUGE-L (mean over seeds)",
+                title="student S: vs step")
     axes[1].set(xlabel="training wall clock (s)", title="student S: vs wall clock")
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -163,7 +169,8 @@ def main(argv=None) -> int:
         if started:
             ray.shutdown()
     out.parent.mkdir(parents=True, exist_ok=True)
-    head = (f"`python bench/quality.py{' --smoke' if a.smoke else ''}`: {len(seeds)} seed(s), {budget} student "
+    flags = " --smoke" if a.smoke else f" --seeds {a.seeds} --budget {a.budget}"
+    head = (f"`python bench/quality.py{flags}`: {len(seeds)} seed(s), {budget} student "
             f"optimizer steps per run, {len(val)} held-out Dolly and {len(dialog)} DialogSum dev prompts\n\n")
     Path(f"{out}.md").write_text(head + table(results))
     Path(f"{out}.json").write_text(json.dumps(results, indent=1) + "\n")
