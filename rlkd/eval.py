@@ -67,7 +67,7 @@ def _score_all(actor, prompts, responses, pad_id, batch_size):
     return out
 
 
-def teacher_metrics(teacher, student, prompts, references, student_samples, pad_id, eos_id, max_new, seed,
+def teacher_metrics(teacher, student, prompts, references, student_samples, pad_id, max_new, seed,
                     batch_size) -> dict:
     """TOP-1 agreement (all / easy / hard by teacher UNC), token KL(p‖q), ExAccErr(16) and at full length."""
     import ray
@@ -150,7 +150,7 @@ def evaluate_examples(examples, model_dir: Path, teacher_dir: Path | None, args,
             gold = [r.response_ids for r in rows]
             result["teacher"] = str(teacher_dir)
             result.update(teacher_metrics(teacher, student, prompts, gold, samples[args.seeds[0]],
-                                          tok.pad_token_id, tok.eos_token_id, args.max_new_tokens, args.seeds[0],
+                                          tok.pad_token_id, args.max_new_tokens, args.seeds[0],
                                           args.batch_size))
     finally:
         if started:
