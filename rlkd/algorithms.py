@@ -37,6 +37,13 @@ METHODS: dict[str, str] = {
     "ammd": "adversarial moment matching of action values, on- and off-policy",
 }
 
+# the metric each method descends, for tests and benchmarks. MiniLLM: its exact single-step reverse KL
+# (the whitened PPO surrogate carries no level). AMMD has none of its own: β·ammd/d_off + (1−β)·ammd/d_on.
+DESCENDED_LOSS: dict[str, str] = {
+    "sft": "loss/sft", "fkl": "loss/fkl", "rkl": "loss/rkl", "jsd": "loss/jsd", "tvd": "loss/tvd",
+    "seqkd": "loss/sft", "gkd": "loss/gjsd", "imitkd": "loss/fkl", "distillm": "loss/srkl",
+    "minillm": "loss/reg", "okd": "loss/student"}
+
 
 @dataclass
 class Method:

@@ -19,15 +19,7 @@ from rlkd.batch import SequenceBatch
 from rlkd.config import ConfigError
 from rlkd.data import DataError, read_examples, tokenize
 from rlkd.evaluation import decode, rouge_l
-from rlkd.models import check_same_tokenizer, load_tokenizer
-
-
-def _model_dir(path: str, flag: str) -> Path:
-    p = Path(path).expanduser()
-    if not (p / "config.json").is_file():
-        why = "no config.json in it" if p.is_dir() else "directory not found"
-        raise ConfigError(f"{flag}={path!r} is invalid: {why} (expected a local Hugging Face model directory)")
-    return p
+from rlkd.models import check_model_dir, check_same_tokenizer, load_tokenizer
 
 
 def parse_args(argv):
@@ -107,8 +99,8 @@ def teacher_metrics(teacher, student, prompts, references, student_samples, pad_
 
 def evaluate(args, log=print) -> dict:
     """The CLI's work: read the data file, then `evaluate_examples`."""
-    model_dir = _model_dir(args.model, "--model")
-    teacher_dir = _model_dir(args.teacher, "--teacher") if args.teacher else None
+    model_dir = check_model_dir(args.model, "--model")
+    teacher_dir = check_model_dir(args.teacher, "--teacher") if args.teacher else None
     examples, report = read_examples(args.data, args.max_examples)
     log(report.summary())
     result = evaluate_examples(examples, model_dir, teacher_dir, args, log)
@@ -122,14 +114,13 @@ def evaluate_examples(examples, model_dir: Path, teacher_dir: Path | None, args,
 
     from actors.rollout import RolloutActor
     from actors.teacher import TeacherActor
+    from rlkd.launch import connect_ray
 
     vocab = check_same_tokenizer(teacher_dir, model_dir) if teacher_dir else None
     tok = load_tokenizer(model_dir)
     rows = tokenize(examples, tok, args.max_prompt_tokens, args.max_new_tokens)
     prompts, refs = [r.prompt_ids for r in rows], [r.references for r in rows]
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    started = connect_ray(log=lambda *a: None)
     try:
         gen = ray.remote(RolloutActor).options(num_cpus=1).remote(
             str(model_dir), args.backend, tok.pad_token_id, tok.eos_token_id,

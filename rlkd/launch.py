@@ -75,8 +75,8 @@ def prepare(cfg: Config, log: Callable = print) -> Prepared:
         teacher_dir, student_dir = embedded_models(
             cfg, data_file, lambda: [e.prompt + e.references[0] for e in train_ex], sft, log)
     else:
-        teacher_dir = check_model_dir(cfg.model.teacher, "teacher")
-        student_dir = check_model_dir(cfg.model.student, "student")
+        teacher_dir = check_model_dir(cfg.model.teacher, "config field model.teacher")
+        student_dir = check_model_dir(cfg.model.student, "config field model.student")
     vocab = check_same_tokenizer(teacher_dir, student_dir, cfg.model.trust_remote_code)
     if cfg.algo.method == "okd":
         check_lora_targets(teacher_dir, cfg.algo.okd.lora_targets, cfg.model.trust_remote_code)
@@ -88,8 +88,9 @@ def prepare(cfg: Config, log: Callable = print) -> Prepared:
                     cfg.model.teacher is None)
 
 
-def connect_ray(cfg: Config, log: Callable = print) -> bool:
-    """Join RAY_ADDRESS / a running cluster, else start a local one. Returns True if we started it."""
+def connect_ray(num_cpus: int = 0, log: Callable = print) -> bool:
+    """Join RAY_ADDRESS / a running cluster, else start a local one with `num_cpus` (0 = all) logical
+    CPUs. Returns True if we started it (the caller then shuts it down)."""
     import ray
 
     if ray.is_initialized():
@@ -104,7 +105,7 @@ def connect_ray(cfg: Config, log: Callable = print) -> bool:
         return False
     except ConnectionError:
         pass
-    num_cpus = cfg.run.num_cpus or os.cpu_count()
+    num_cpus = num_cpus or os.cpu_count()
     # small CPU boxes: actors reserve ~1 CPU each and mostly wait on one another, so oversubscribe
     ray.init(num_cpus=max(num_cpus, 4), include_dashboard=False, _node_ip_address="127.0.0.1")
     log(f"ray: started a local cluster ({max(num_cpus, 4)} logical CPUs)")
@@ -119,8 +120,10 @@ class Groups:
     method: Method
 
 
-def start_groups(cfg: Config, prep: Prepared, method: Method, cache: TeacherGenerations,
+def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_cached: bool = False,
                  log: Callable = print) -> Groups:
+    """Start the actors `method` needs. `teacher_samples_cached`: every training prompt already has a
+    teacher response on disk, so generating methods need no teacher actor for it."""
     import ray
 
     from actors.rollout import RolloutActor
@@ -132,7 +135,7 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, cache: TeacherGene
     env = lambda cpus: {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}}  # noqa: E731
     teachers = []
     # OKD and SFT need none (OKD's teacher lives in the learners); SeqKD none once every prompt is cached
-    if m.needs_teacher_scores or (m.uses_teacher_generations and not cache.covers(prep.train)):
+    if m.needs_teacher_scores or (m.uses_teacher_generations and not teacher_samples_cached):
         teacher_cls = ray.remote(TeacherActor).options(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus,
                                                        runtime_env=env(cfg.teacher.num_cpus))
         teachers = [teacher_cls.remote(str(prep.teacher_dir), prep.vocab_size, tok.pad_token_id, tok.eos_token_id,
@@ -259,11 +262,11 @@ def run(cfg: Config, log: Callable = print) -> Path:
     resolved["model"].update(teacher=str(prep.teacher_dir), student=str(prep.student_dir))
     write_yaml(run_dir / "config.yaml", resolved)
     log(f"run: {method.label} -> {run_dir}")
-    started = connect_ray(cfg, log)
+    started = connect_ray(cfg.run.num_cpus, log)
     groups = None
     try:
         cache = TeacherGenerations(cfg, prep)
-        groups = start_groups(cfg, prep, method, cache, log)
+        groups = start_groups(cfg, prep, method, cache.covers(prep.train), log)
         scores = {"teacher": evaluate(cfg, prep, prep.teacher_dir, (groups.teachers or [None])[0]),
                   "student_before": evaluate(cfg, prep, prep.student_dir)}
         history = _train(cfg, prep, groups, cache, run_dir, log)

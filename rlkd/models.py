@@ -21,14 +21,16 @@ from rlkd.config import Config, ConfigError, TinyModelConfig
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
 
-def check_model_dir(path: str, role: str) -> Path:
-    """A local HF model directory: exists and holds a config.json (no hub lookups, ever)."""
+def check_model_dir(path: str, name: str) -> Path:
+    """A local HF model directory: exists and holds a config.json (no hub lookups, ever).
+
+    `name` is how the user set it, e.g. 'config field model.student' or '--model'."""
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise ConfigError(f"config field model.{role}={path!r} is invalid: directory not found "
+        raise ConfigError(f"{name}={path!r} is invalid: directory not found "
                           "(expected a local Hugging Face model directory)")
     if not (p / "config.json").is_file():
-        raise ConfigError(f"config field model.{role}={path!r} is invalid: no config.json in it "
+        raise ConfigError(f"{name}={path!r} is invalid: no config.json in it "
                           "(expected a local Hugging Face model directory)")
     return p
 

@@ -99,7 +99,6 @@ class AdaptiveSGO:
 
     def __init__(self, init_threshold: float, loss_eps: float, capacity: int, total_steps: int, seed: int):
         self.threshold, self.loss_eps, self.total = init_threshold, loss_eps, total_steps
-        self.capacity = capacity
         self.buffer = ReplayBuffer(capacity, seed + 1)
         self.rng = random.Random(seed)
         self.prev_loss: float | None = None
@@ -109,7 +108,7 @@ class AdaptiveSGO:
     def batches(self, step: int, rows: list[TokenizedExample], src: Sources) -> dict[str, SequenceBatch]:
         r = self.rng.random()
         s = self.threshold * (1 - step / self.total)
-        if r < s or (r < self.threshold and len(self.buffer) < self.capacity):
+        if r < s or (r < self.threshold and len(self.buffer) < self.buffer.items.maxlen):
             fresh = src.get(ROLLOUT, rows, step)
             self.buffer.add(fresh)
             self.last = "fresh"
