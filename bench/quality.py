@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
@@ -56,7 +55,7 @@ def run_one(base: str, method: str, student: Path, teacher: Path, seed: int, bud
     overrides = [f"model.teacher={teacher}", f"model.student={student}", f"algo.method={method}", f"train.seed={seed}",
                  f"train.steps={steps + (warm if method == 'ammd' else 0)}", f"algo.ammd.critic_warmup_steps={warm}",
                  f"eval.every_steps={max(1, steps // 4)}", f"run.output_dir={out}",
-                 f"run.name={method}-{student.name}-{seed}", "algo.distillm.init_threshold=0.2"]
+                 f"run.name={method}-{student.name}-{seed}", "algo.distillm.init_threshold=0.2", "eval.baselines=false"]
     t0 = time.time()
     run_dir = run(load_config(base, overrides), log=lambda *a: None)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -72,15 +71,27 @@ def run_one(base: str, method: str, student: Path, teacher: Path, seed: int, bud
                                  "generated_tokens": sum(r.get("tokens/generated", 0.0) for r in rows)}
 
 
-def agreement(student_dir: Path, teacher: Path, val, dialogsum, n_new: int, seed: int) -> dict:
-    from rlkd.eval import evaluate_examples
+def agreement(student_dir: Path, teacher: Path, prep, val, dialogsum, n_new: int, seed: int) -> dict:
+    """TOP-1 agreement and ExAccErr(16) on Dolly, ROUGE-L on DialogSum: rlkd.eval's functions, run as
+    Ray tasks so the pooled workers keep torch imported between the 72 runs."""
+    import ray
 
-    args = SimpleNamespace(seeds=[seed], backend="hf", max_prompt_tokens=256, max_new_tokens=n_new,
-                           no_repeat_ngram_size=6, batch_size=16)
-    dolly = evaluate_examples(val, student_dir, teacher, args, log=lambda *a: None)
-    summ = evaluate_examples(dialogsum, student_dir, None, args, log=lambda *a: None)
+    from actors.hf_generate import generate_from_dir
+    from rlkd.data import tokenize
+    from rlkd.eval import teacher_metrics
+    from rlkd.evaluation import decode, rouge_l
+
+    tok, gen = prep.tokenizer, ray.remote(num_cpus=1)(generate_from_dir)
+    rows_v, rows_d = (tokenize(x, tok, 256, n_new) for x in (val, dialogsum))
+    prompts_v, prompts_d = [r.prompt_ids for r in rows_v], [r.prompt_ids for r in rows_d]
+    samples_v, samples_d = (gen.remote(str(student_dir), p, tok.pad_token_id, tok.eos_token_id, n_new, seed, 6)
+                            for p in (prompts_v, prompts_d))
+    metrics = ray.remote(num_cpus=1)(teacher_metrics).remote(
+        teacher, student_dir, prep.vocab_size, tok.pad_token_id, tok.eos_token_id, prompts_v,
+        [r.response_ids for r in rows_v], samples_v, n_new, seed, 16)
+    dolly, summaries = ray.get([metrics, samples_d])
     return {"top1_agreement": dolly["top1_agreement"], "exacc_err_16": dolly["exacc_err_16"],
-            "rougeL_dialogsum": summ["rougeL_mean"]}
+            "rougeL_dialogsum": rouge_l(decode(tok, summaries), [r.references for r in rows_d])}
 
 
 def _ms(values: list[float]) -> str:
@@ -135,6 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality"))
     a = ap.parse_args(argv)
+    t0 = time.time()
     import ray
 
     from rlkd.config import load_config
@@ -153,26 +165,29 @@ def main(argv=None) -> int:
     runs_dir = Path(tempfile.mkdtemp(prefix="rlkd-quality-runs-"))
     started = connect_ray(cfg.run.num_cpus, log=lambda *x: None)
     results = []
+    out.parent.mkdir(parents=True, exist_ok=True)
     try:
         for size, student in students(prep, cfg, runs_dir).items():
             for method in methods:
                 for seed in seeds:
                     final, r = run_one(str(ROOT / base), method, student, prep.teacher_dir, seed, budget, runs_dir,
                                        a.smoke)
-                    r.update(agreement(final, prep.teacher_dir, val, dialog, cfg.data.max_response_tokens, seed))
+                    r.update(agreement(final, prep.teacher_dir, prep, val, dialog, cfg.data.max_response_tokens, seed))
                     results.append({"student": size, "method": method, "seed": seed, **r})
+                    Path(f"{out}.partial.json").write_text(json.dumps(results) + "\n")  # a crash keeps the runs
                     print(f"{size} {method} seed {seed}: Dolly {r['rougeL_dolly']:.2f} DialogSum "
                           f"{r['rougeL_dialogsum']:.2f} ({r['run_seconds']:.0f}s)", flush=True)
     finally:
         if started:
             ray.shutdown()
-    out.parent.mkdir(parents=True, exist_ok=True)
     flags = " --smoke" if a.smoke else f" --seeds {a.seeds} --budget {a.budget}"
     head = (f"`python bench/quality.py{flags}`: {len(seeds)} seed(s), {budget} student "
-            f"optimizer steps per run, {len(val)} held-out Dolly and {len(dialog)} DialogSum dev prompts\n\n")
+            f"optimizer steps per run, {len(val)} held-out Dolly and {len(dialog)} DialogSum dev prompts; "
+            f"{(time.time() - t0) / 60:.0f} min in all on this machine\n\n")
     Path(f"{out}.md").write_text(head + table(results))
     Path(f"{out}.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, Path(f"{out}.png"))
+    Path(f"{out}.partial.json").unlink(missing_ok=True)
     print(head + table(results))
     return 0
 

@@ -188,6 +188,8 @@ class EvalConfig:
     """Sampling seed of evaluation generation (MiniLLM protocol: temperature 1, top-p 1)."""
     no_repeat_ngram_size: int = 6
     """Blocks repeated n-grams during evaluation generation (MiniLLM default 6)."""
+    baselines: bool = True
+    """Also score the teacher and the starting student (off in sweeps and benchmarks, where they repeat)."""
     every_steps: int = 0
     """Also score the student's held-out ROUGE-L every this many steps (metric eval/rougeL; 0 = only at the end)."""
 

@@ -15,7 +15,6 @@ import statistics
 import sys
 from pathlib import Path
 
-from rlkd.batch import SequenceBatch
 from rlkd.config import ConfigError
 from rlkd.data import DataError, read_examples, tokenize
 from rlkd.evaluation import decode, rouge_l
@@ -48,51 +47,25 @@ def parse_args(argv):
     return args
 
 
-def _score_all(actor, prompts, responses, pad_id, batch_size):
-    """Full next-token log-probs of each response, in chunks -> list of (logp (B,R,V), batch)."""
-    import ray
+def teacher_metrics(teacher_dir, model_dir, vocab, pad_id, eos_id, prompts, references, student_samples, max_new,
+                    seed, batch_size) -> dict:
+    """TOP-1 agreement (all / easy / hard by teacher UNC), token KL(p‖q), ExAccErr(16) and at full length.
 
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        batch = SequenceBatch.collate(prompts[i:i + batch_size], responses[i:i + batch_size], pad_id)
-        out.append((ray.get(actor.score.remote(batch)).logp, batch))
-    return out
-
-
-def teacher_metrics(teacher, student, prompts, references, student_samples, pad_id, max_new, seed,
-                    batch_size) -> dict:
-    """TOP-1 agreement (all / easy / hard by teacher UNC), token KL(p‖q), ExAccErr(16) and at full length."""
-    import ray
-    import torch
-
+    Runs where it is called; rlkd.eval runs it as a Ray task, so pooled workers keep their imports.
+    """
+    from actors.pair_scorer import PairScorer
     from rlkd import eval_metrics as M
 
-    def paired(responses):
-        t, s = _score_all(teacher, prompts, responses, pad_id, batch_size), _score_all(
-            student, prompts, responses, pad_id, batch_size)
-        return [(tl, sl, b) for (tl, b), (sl, _) in zip(t, s)]
-
-    hits, uncs, kls, masks = [], [], [], []
-    for t_logp, s_logp, b in paired(references):
-        hits.append(M.top1_hits(t_logp, s_logp).flatten())
-        uncs.append(M.unc(t_logp, b.responses).flatten())
-        kls.append(M.per_token_kl(t_logp, s_logp).flatten())
-        masks.append(b.response_mask.flatten())
-    hits, uncs, kls, mask = (torch.cat(x) for x in (hits, uncs, kls, masks))
-    easy, hard, threshold = M.easy_hard_agreement(hits, uncs, mask)
-    teacher_samples = ray.get(teacher.generate.remote(prompts, max_new, 1.0, 1.0, seed, 0))["responses"]
-
-    def kl_table(responses):  # (N, L) KL(p‖q) per position, padded with 0 and masked
-        rows = [(M.per_token_kl(t, s), b.response_mask) for t, s, b in paired(responses)]
-        width = max(k.shape[1] for k, _ in rows)
-        pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[1]))  # noqa: E731
-        return torch.cat([pad(k) for k, _ in rows]), torch.cat([pad(m) for _, m in rows])
-
-    kl_s, m_s = kl_table(student_samples)
-    kl_t, m_t = kl_table(teacher_samples)
+    scorer = PairScorer(str(teacher_dir), str(model_dir), vocab, pad_id, eos_id)
+    gold = scorer.stats(prompts, references, batch_size)
+    hits, mask = gold["hits"], gold["mask"]
+    easy, hard, threshold = M.easy_hard_agreement(hits, gold["unc"], mask)
+    on_s = scorer.stats(prompts, student_samples, batch_size)
+    on_t = scorer.stats(prompts, scorer.generate_teacher(prompts, max_new, seed), batch_size)
+    kl_s, m_s, kl_t, m_t = on_s["kl"], on_s["mask"], on_t["kl"], on_t["mask"]
     full = int(min(m_s.sum(1).max(), m_t.sum(1).max()))
     return {"top1_agreement": M.masked_mean(hits, mask), "top1_agreement_easy": easy, "top1_agreement_hard": hard,
-            "unc_threshold": threshold, "token_kl_teacher_student": M.masked_mean(kls, mask),
+            "unc_threshold": threshold, "token_kl_teacher_student": M.masked_mean(gold["kl"], mask),
             "exacc_err_16": M.exacc_err(kl_s, m_s, kl_t, m_t, 16),
             f"exacc_err_full_{full}": M.exacc_err(kl_s, m_s, kl_t, m_t, full)}
 
@@ -113,7 +86,6 @@ def evaluate_examples(examples, model_dir: Path, teacher_dir: Path | None, args,
     import ray
 
     from actors.rollout import RolloutActor
-    from actors.teacher import TeacherActor
     from rlkd.launch import connect_ray
 
     vocab = check_same_tokenizer(teacher_dir, model_dir) if teacher_dir else None
@@ -135,14 +107,11 @@ def evaluate_examples(examples, model_dir: Path, teacher_dir: Path | None, args,
                   "rougeL_mean": statistics.mean(scores),
                   "rougeL_std": statistics.stdev(scores) if len(scores) > 1 else 0.0}
         if teacher_dir is not None:
-            scorer = ray.remote(TeacherActor).options(num_cpus=1)
-            teacher = scorer.remote(str(teacher_dir), vocab, tok.pad_token_id, tok.eos_token_id)
-            student = scorer.remote(str(model_dir), vocab, tok.pad_token_id, tok.eos_token_id)
-            gold = [r.response_ids for r in rows]
+            task = ray.remote(num_cpus=1)(teacher_metrics)
             result["teacher"] = str(teacher_dir)
-            result.update(teacher_metrics(teacher, student, prompts, gold, samples[args.seeds[0]],
-                                          tok.pad_token_id, args.max_new_tokens, args.seeds[0],
-                                          args.batch_size))
+            result.update(ray.get(task.remote(teacher_dir, model_dir, vocab, tok.pad_token_id, tok.eos_token_id,
+                                              prompts, [r.response_ids for r in rows], samples[args.seeds[0]],
+                                              args.max_new_tokens, args.seeds[0], args.batch_size)))
     finally:
         if started:
             ray.shutdown()

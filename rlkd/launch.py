@@ -267,8 +267,10 @@ def run(cfg: Config, log: Callable = print) -> Path:
     try:
         cache = TeacherGenerations(cfg, prep)
         groups = start_groups(cfg, prep, method, cache.covers(prep.train), log)
-        scores = {"teacher": evaluate(cfg, prep, prep.teacher_dir, (groups.teachers or [None])[0]),
-                  "student_before": evaluate(cfg, prep, prep.student_dir)}
+        scores = {}
+        if cfg.eval.baselines:
+            scores = {"teacher": evaluate(cfg, prep, prep.teacher_dir, (groups.teachers or [None])[0]),
+                      "student_before": evaluate(cfg, prep, prep.student_dir)}
         history = _train(cfg, prep, groups, cache, run_dir, log)
         final_dir = run_dir / "student"
         groups.learners.save_student(str(final_dir))
