@@ -55,7 +55,8 @@ def run_one(base: str, method: str, student: Path, teacher: Path, seed: int, bud
     overrides = [f"model.teacher={teacher}", f"model.student={student}", f"algo.method={method}", f"train.seed={seed}",
                  f"train.steps={steps + (warm if method == 'ammd' else 0)}", f"algo.ammd.critic_warmup_steps={warm}",
                  f"eval.every_steps={max(1, steps // 4)}", f"run.output_dir={out}",
-                 f"run.name={method}-{student.name}-{seed}", "algo.distillm.init_threshold=0.2", "eval.baselines=false"]
+                 f"run.name={method}-{student.name}-{seed}", "algo.distillm.init_threshold=0.2", "eval.baselines=false",
+                 "train.checkpoint_every=0"]
     t0 = time.time()
     run_dir = run(load_config(base, overrides), log=lambda *a: None)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
