@@ -19,6 +19,7 @@ setup(
         "pyyaml",
         "rouge-score",
         "tensorboard",
+        "tqdm",
     ],
     extras_require={
         "vllm": ["vllm"],

@@ -86,6 +86,7 @@ class RolloutActor:
         else:
             raise ValueError(f"rollout.backend={backend!r}: expected 'hf' or 'vllm'")
         self.backend = backend
+        self.version = 0  # weights version (0: model_dir's); the controller checks it on every batch
         self.mix_teacher = None
         if mix_teacher_dir is not None:  # MiniLLM teacher-mixed sampling: both models in one token loop
             if backend != "hf":
@@ -100,11 +101,12 @@ class RolloutActor:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 0, no_repeat_ngram_size: int = 0) -> dict:
-        """-> {'responses': token ids (EOS kept), 'logprobs': raw log-probs of them, 'seconds'}."""
+        """-> {'responses': token ids (EOS kept), 'logprobs': raw log-probs of them, 'seconds', 'version'}."""
         t0 = time.perf_counter()
         responses, logprobs = self.engine.generate(prompts, max_new_tokens, temperature, top_p, seed,
                                                    no_repeat_ngram_size)
-        return {"responses": responses, "logprobs": logprobs, "seconds": time.perf_counter() - t0}
+        return {"responses": responses, "logprobs": logprobs, "seconds": time.perf_counter() - t0,
+                "version": self.version}
 
     def generate_mixed(self, prompts: list[list[int]], max_new_tokens: int, alpha: float, vocab_size: int,
                        temperature: float = 1.0, seed: int = 0) -> dict:
@@ -119,9 +121,9 @@ class RolloutActor:
                                                        self.eos_id, vocab_size, max_new_tokens, alpha, temperature,
                                                        seed)
         return {"responses": responses, "logprobs": logprobs, "behavior_logprobs": behavior,
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0, "version": self.version}
 
-    def update_weights(self, blob: bytes, version: int | None = None) -> float:
+    def update_weights(self, blob: bytes, version: int = 0) -> float:
         """Load the learner's student weights (safetensors bytes); returns the seconds it took."""
         t0 = time.perf_counter()
         self.engine.load_weights(blob)

@@ -97,7 +97,7 @@ def measure(method_name: str, cfg_path: str, args, prep, trl_py) -> dict:
             print(f"{method_name} round {rnd + 1}/{args.rounds}: rlkd {_median(runs['rlkd'], 'timing/step'):.2f}s "
                   f"bare {_median(runs['bare'], 'timing/step'):.2f}s", flush=True)
     finally:
-        groups.learners.shutdown()
+        groups.shutdown()
         import ray
 
         for a in groups.rollouts + groups.teachers:

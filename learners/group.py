@@ -1,7 +1,8 @@
 """LearnerGroup: N LearnerWorker actors that form one torch.distributed group.
 
 Rank 0 starts first and picks the rendezvous address and port; then every rank joins. Actors are
-reserved in one placement group (PACK), so a Tune trial or a busy cluster cannot half-start it.
+reserved in one placement group (PACK), so a busy cluster cannot half-start it; inside a Ray Tune
+trial they take their bundles of the trial's own placement group instead.
 """
 from __future__ import annotations
 
@@ -16,14 +17,18 @@ from rlkd.batch import SequenceBatch
 
 
 class LearnerGroup:
-    def __init__(self, num_ranks: int, num_cpus: float = 1.0, num_gpus: float = 0.0, **setup_kwargs):
+    def __init__(self, num_ranks: int, num_cpus: float = 1.0, num_gpus: float = 0.0, placement: tuple | None = None,
+                 **setup_kwargs):
+        """placement: (an existing placement group, the bundle index of rank 0), e.g. a Tune trial's."""
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
-        self.pg = placement_group([bundle] * num_ranks, strategy="PACK")
+        self.own_pg = placement is None
+        self.pg, first = (placement_group([bundle] * num_ranks, strategy="PACK"), 0) if self.own_pg else placement
         ray.get(self.pg.ready())
         cls = ray.remote(LearnerWorker)
         self.workers = [
             cls.options(num_cpus=num_cpus, num_gpus=num_gpus,
-                        scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(
+                            self.pg, placement_group_bundle_index=first + i),
                         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(num_cpus)))}}
                         ).remote(i, num_ranks)
             for i in range(num_ranks)]
@@ -61,6 +66,12 @@ class LearnerGroup:
     def save_adapted_teacher(self, out_dir: str) -> None:
         ray.get([w.save_adapted_teacher.remote(out_dir) for w in self.workers])
 
+    def save_checkpoint(self, out_dir: str) -> None:
+        ray.get([w.save_checkpoint.remote(out_dir) for w in self.workers])
+
+    def load_checkpoint(self, in_dir: str) -> None:
+        ray.get([w.load_checkpoint.remote(in_dir) for w in self.workers])
+
     def adapted_teacher_state(self) -> dict:
         return ray.get([w.adapted_teacher_state.remote() for w in self.workers])[0]
 
@@ -71,4 +82,5 @@ class LearnerGroup:
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w)
-        remove_placement_group(self.pg)
+        if self.own_pg:
+            remove_placement_group(self.pg)

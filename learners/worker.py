@@ -209,6 +209,39 @@ class LearnerWorker:
         self.adapted.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         return out_dir
 
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def _engines(self) -> dict:
+        return {k: v for k, v in (("student", self.student), ("critic", self.critic), ("teacher", self.adapted))
+                if v is not None}
+
+    def save_checkpoint(self, out_dir: str) -> None:
+        """DeepSpeed checkpoints (module, optimizer, scheduler) of every engine under out_dir/deepspeed/<engine>,
+        this rank's RNG state, and on rank 0 the student in HF format, the critic heads as safetensors and
+        the teacher's LoRA adapter. Every rank must call (collective)."""
+        from safetensors.torch import save_file
+
+        for name, engine in self._engines().items():
+            engine.save_checkpoint(f"{out_dir}/deepspeed", tag=name, save_latest=False)
+        os.makedirs(f"{out_dir}/rng", exist_ok=True)
+        torch.save({"torch": torch.get_rng_state()}, f"{out_dir}/rng/rank{self.rank}.pt")
+        self.save_student(f"{out_dir}/student")
+        if self.critic is not None:
+            state = self._full_state(self.critic.module)
+            if state is not None:
+                save_file(state, f"{out_dir}/critic.safetensors")
+        if self.adapted is not None:
+            self.save_adapted_teacher(f"{out_dir}/teacher_adapter")
+
+    def load_checkpoint(self, in_dir: str) -> None:
+        """Restore what save_checkpoint wrote (engines, optimizer states, this rank's RNG)."""
+        for name, engine in self._engines().items():
+            path, _ = engine.load_checkpoint(f"{in_dir}/deepspeed", tag=name, load_module_strict=True)
+            if path is None:
+                raise FileNotFoundError(f"no DeepSpeed checkpoint of the {name} under {in_dir}/deepspeed")
+        rng = torch.load(f"{in_dir}/rng/rank{self.rank}.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+
     def adapted_teacher_state(self) -> dict[str, torch.Tensor] | None:
         """OKD: the full (base + LoRA) teacher state on rank 0, for checks; every rank must call."""
         return self._full_state(self.adapted.module)

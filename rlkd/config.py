@@ -7,6 +7,7 @@ config means the same algorithm on 1 or 8 ranks.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import inspect
 import typing
@@ -177,7 +178,11 @@ class TrainConfig:
     seed: int = 0
     """Seed of data order, sampling and initialisation."""
     log_every: int = 1
-    """Print a progress line every this many steps."""
+    """Outside a terminal, print a progress line every this many steps (a terminal gets a progress bar)."""
+    checkpoint_every: int = 20
+    """Write a resumable checkpoint every this many steps (0 = never); continue with --resume RUN_DIR."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk; older ones are deleted."""
 
 
 @dataclass(frozen=True)
@@ -202,6 +207,8 @@ class RunConfig:
     """Run directory name; empty means '<method>-<timestamp>'."""
     num_cpus: int = 0
     """CPUs for a locally started Ray cluster (0 = all); ignored when joining a cluster."""
+    max_actor_restarts: int = 3
+    """Times Ray restarts a dead rollout or teacher actor (max_restarts); the interrupted call is retried."""
 
 
 @dataclass(frozen=True)
@@ -286,16 +293,20 @@ def _set_path(raw: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_config(path: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    """YAML file (optional) + `section.field=value` overrides -> validated, frozen Config."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config {path!r}: file not found")
-        raw = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"--config {path!r}: top level must be a mapping of sections")
+def read_yaml(path: str) -> dict:
+    """A config file's raw mapping (sections -> fields), or a one-line ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path!r}: file not found")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path!r}: top level must be a mapping of sections")
+    return raw
+
+
+def build_config(raw: dict, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Raw mapping + `section.field=value` overrides -> validated, frozen Config."""
+    raw = copy.deepcopy(raw)
     for ov in overrides:
         key, sep, text = ov.partition("=")
         if not sep or not key:
@@ -304,6 +315,20 @@ def load_config(path: str | None = None, overrides: tuple[str, ...] | list[str] 
     cfg = _build(Config, raw)
     validate(cfg)
     return cfg
+
+
+def set_field(raw: dict, dotted: str, value: Any) -> None:
+    """Set `section.field` (any depth) in a raw mapping, e.g. a sampled Tune value."""
+    _set_path(raw, dotted, value)
+
+
+def load_config(path: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """YAML file (optional) + `section.field=value` overrides -> validated, frozen Config."""
+    raw = read_yaml(path) if path is not None else {}
+    if "tune" in raw:
+        raise ConfigError(f"--config {path!r} has a 'tune' section: it is a sweep; run it with "
+                          "`python -m rlkd.main --config FILE` (rlkd.main dispatches it to Ray Tune)")
+    return build_config(raw, overrides)
 
 
 def to_dict(cfg: Config) -> dict:
@@ -360,13 +385,14 @@ def validate(cfg: Config) -> None:
     _check(cfg.algo.method in METHODS, "algo.method", cfg.algo.method, f"one of {sorted(METHODS)}")
     validate_algo(cfg)
     tr = cfg.train
-    _positive(tr, "train", ["steps", "batch_size", "log_every"])
+    _positive(tr, "train", ["steps", "batch_size", "log_every", "keep_checkpoints"])
+    _positive(tr, "train", ["checkpoint_every"], allow_zero=True)
     _check(tr.batch_size % lr.num_ranks == 0, "train.batch_size", tr.batch_size,
            f"a multiple of learner.num_ranks={lr.num_ranks} (the global batch is split evenly)")
     _positive(cfg.eval, "eval", ["num_examples", "no_repeat_ngram_size", "every_steps"], allow_zero=True)
     _check(cfg.eval.num_examples <= d.val_size, "eval.num_examples", cfg.eval.num_examples,
            f"<= data.val_size={d.val_size}")
-    _positive(cfg.run, "run", ["num_cpus"], allow_zero=True)
+    _positive(cfg.run, "run", ["num_cpus", "max_actor_restarts"], allow_zero=True)
 
 
 def _one_of(value: Any, name: str, allowed: list) -> None:

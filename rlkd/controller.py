@@ -33,6 +33,7 @@ class StepSettings:
     pad_id: int
     seed: int
     vocab_size: int = 0  # for teacher-mixed sampling
+    max_retries: int = 3  # generation calls retried after an actor restart
 
 
 class Controller:
@@ -47,6 +48,8 @@ class Controller:
         self.synced = True  # rollout actors start from the learners' initial weights
         self.timings: dict[str, float] = {}
         self.generated_tokens = 0  # student tokens sampled this step (fresh rollouts, replayed or not)
+        self.version = 0  # weights version the rollout actors should hold (0 = the initial student)
+        self.restarts = 0  # actor failures recovered from (metric actors/restarts)
 
     @property
     def pad_id(self) -> int:
@@ -73,15 +76,38 @@ class Controller:
 
     def _generate(self, actors: list, prompts: list[list[int]], seed: int, temperature: float,
                   mix_alpha: float = 0.0) -> dict:
-        """Split prompts over actors, generate in parallel, concatenate in order."""
-        n = len(actors)
+        """Split prompts over actors, generate in parallel, concatenate in order.
+
+        A rollout actor that died is restarted by Ray (run.max_actor_restarts) with its initial
+        weights; the call is then retried after a weight sync, so no step trains on stale samples.
+        """
+        n, s = len(actors), self.s
         chunks = [prompts[i * len(prompts) // n:(i + 1) * len(prompts) // n] for i in range(n)]
-        s = self.s
-        calls = [a.generate_mixed.remote(c, s.max_new_tokens, mix_alpha, s.vocab_size, temperature, seed + i * 7919)
-                 if mix_alpha else a.generate.remote(c, s.max_new_tokens, temperature, s.top_p, seed + i * 7919)
-                 for i, (a, c) in enumerate(zip(actors, chunks)) if c]
-        outs = ray.get(calls)
-        return {k: [x for o in outs for x in o[k]] for k in outs[0] if k != "seconds"}
+        for attempt in range(s.max_retries + 1):
+            calls = [a.generate_mixed.remote(c, s.max_new_tokens, mix_alpha, s.vocab_size, temperature,
+                                             seed + i * 7919)
+                     if mix_alpha else a.generate.remote(c, s.max_new_tokens, temperature, s.top_p, seed + i * 7919)
+                     for i, (a, c) in enumerate(zip(actors, chunks)) if c]
+            try:
+                outs = ray.get(calls)
+            except ray.exceptions.RayActorError as e:
+                if attempt == s.max_retries:
+                    raise
+                self._recover(actors, f"an actor died ({type(e).__name__})")
+                continue
+            stale = actors is self.rollouts and any(o.get("version", self.version) != self.version for o in outs)
+            if not stale:
+                return {k: [x for o in outs for x in o[k]] for k in outs[0] if k not in ("seconds", "version")}
+            self._recover(actors, "a restarted rollout actor generated with its initial weights")
+        raise RuntimeError(f"generation failed {s.max_retries + 1} times in a row (see the log above)")
+
+    def _recover(self, actors: list, why: str) -> None:
+        """Wait until Ray has restarted the actors (raises once restarts are exhausted), then resync."""
+        self.restarts += 1
+        print(f"rlkd: warning: {why}; waiting for the restart and retrying the call", flush=True)
+        ray.get([a.ready.remote() for a in actors])
+        if actors is self.rollouts:
+            self._sync()
 
     def _rollout(self, rows: list[TokenizedExample], step: int, mixed: bool = False) -> SequenceBatch:
         prompts = [r.prompt_ids for r in rows]
@@ -121,7 +147,25 @@ class Controller:
 
     def _sync(self) -> None:
         ref = self.learners.student_weights_ref()
-        ray.get([a.update_weights.remote(ref) for a in self.rollouts])
+        self.version += 1
+        ray.get([a.update_weights.remote(ref, self.version) for a in self.rollouts])
+        self.synced = True
+
+    def sync_now(self) -> None:
+        """Bring the rollout actors up to the learners' weights (before a checkpoint, after a resume)."""
+        if self.rollouts and not self.synced:
+            self._sync()
+
+    # ---- checkpoint state ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Data position and sampler RNG, and the schedule's RNGs and replay buffers (JSON-able)."""
+        return {"sampler": self.sampler.state_dict(), "schedule": self.method.schedule.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.method.schedule.load_state_dict(state["schedule"])
+        self.synced = False  # the learners were restored from the checkpoint; the rollout actors were not
 
     # ---- one step -----------------------------------------------------------------------------
 
@@ -153,7 +197,6 @@ class Controller:
             if self.rollouts and step % self.s.sync_every == 0:
                 with self.phase("sync"):
                     self._sync()
-                self.synced = True
         if m.validate_every and step % m.validate_every == 0:
             with self.phase("validate"):
                 metrics["val/ce"] = self.validation_ce()
@@ -177,7 +220,8 @@ class Controller:
         metrics.update(self.timings)
         metrics.update({"step": step, "timing/step": elapsed, "tokens/trained": trained,
                         "tokens/generated": float(self.generated_tokens),
-                        "throughput/tokens_per_s": trained / elapsed, "data/position": self.sampler.position})
+                        "throughput/tokens_per_s": trained / elapsed, "data/position": self.sampler.position,
+                        "actors/restarts": float(self.restarts)})
         if "timing/rollout" in self.timings:
             metrics["throughput/rollout_tokens_per_s"] = self.generated_tokens / self.timings["timing/rollout"]
         return metrics

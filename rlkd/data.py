@@ -123,6 +123,16 @@ def tokenize(examples: list[Example], tokenizer, max_prompt_tokens: int, max_res
             for i, (p, r, e) in enumerate(zip(prompts, responses, examples))]
 
 
+def rng_state(rng: random.Random) -> list:
+    """random.Random state as JSON-able lists (checkpoints hold no pickles)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def set_rng_state(rng: random.Random, state: list) -> None:
+    rng.setstate((state[0], tuple(state[1]), state[2]))
+
+
 class PromptSampler:
     """Endless, seeded, epoch-shuffled iteration over the training examples."""
 
@@ -140,3 +150,10 @@ class PromptSampler:
             out.append(self.data[self.order.pop()])
             self.position += 1
         return out
+
+    def state_dict(self) -> dict:
+        return {"rng": rng_state(self.rng), "order": list(self.order), "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(self.rng, state["rng"])
+        self.order, self.position = list(state["order"]), state["position"]

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlkd import checkpoint
 from rlkd.algorithms import Method, build_method
 from rlkd.config import Config, to_dict
 from rlkd.data import (
@@ -31,7 +32,6 @@ from rlkd.models import (
     load_tokenizer,
 )
 from rlkd.outputs import (
-    MetricsWriter,
     make_run_dir,
     mark_completed,
     write_json,
@@ -119,11 +119,53 @@ class Groups:
     teachers: list
     method: Method
 
+    def shutdown(self) -> None:
+        """Stop every actor of the run (on a shared cluster they would otherwise outlive it)."""
+        import ray
+
+        self.learners.shutdown()
+        for actor in self.rollouts + self.teachers:
+            ray.kill(actor)
+        for actor in self.rollouts + self.teachers:  # wait until dead: a resumed run reuses their names
+            try:
+                ray.get(actor.ready.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+
+
+def bundles(cfg: Config, method: Method) -> list[dict]:
+    """The resources one run reserves, in the order start_groups places its actors:
+    [the driver (a Tune trial), evaluation tasks, learner ranks..., teacher actors..., rollout actors...].
+    Ray Tune trials reserve exactly this (PlacementGroupFactory), so trials never starve one another."""
+    def res(cpus: float, gpus: float) -> dict:
+        return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+    out = [{"CPU": 1.0}, {"CPU": 1.0}] + [res(cfg.learner.num_cpus, cfg.learner.num_gpus)] * cfg.learner.num_ranks
+    if method.needs_teacher_scores or method.uses_teacher_generations:
+        out += [res(cfg.teacher.num_cpus, cfg.teacher.num_gpus)] * cfg.teacher.num_actors
+    if method.uses_rollouts:
+        out += [res(cfg.rollout.num_cpus, cfg.rollout.num_gpus)] * cfg.rollout.num_actors
+    return out
+
+
+def _placement(pg, index: int) -> dict:
+    """Actor options that pin it to bundle `index` of the trial's placement group (none outside Tune)."""
+    if pg is None:
+        return {}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)}
+
 
 def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_cached: bool = False,
-                 log: Callable = print) -> Groups:
+                 log: Callable = print, name: str = "") -> Groups:
     """Start the actors `method` needs. `teacher_samples_cached`: every training prompt already has a
-    teacher response on disk, so generating methods need no teacher actor for it."""
+    teacher response on disk, so generating methods need no teacher actor for it. With `name`, the
+    teacher and rollout actors are named `rlkd:<name>:teacher:<i>` / `...:rollout:<i>` (ray.get_actor).
+
+    Ray restarts a dead teacher or rollout actor up to run.max_actor_restarts times. Teacher calls
+    are stateless, so Ray retries them itself; rollout calls are retried by the controller, which
+    first pushes the current weights into the restarted actor."""
     import ray
 
     from actors.rollout import RolloutActor
@@ -133,25 +175,32 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_ca
     tok, m = prep.tokenizer, method
     t0 = time.time()
     env = lambda cpus: {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}}  # noqa: E731
+    restarts, ranks = cfg.run.max_actor_restarts, cfg.learner.num_ranks
+    pg = ray.util.get_current_placement_group()  # set inside a Ray Tune trial: the layout of `bundles`
+    first_teacher = 2 + ranks
+    first_rollout = first_teacher + (cfg.teacher.num_actors if m.needs_teacher_scores or m.uses_teacher_generations
+                                     else 0)
+
+    def named(role: str, i: int, bundle: int) -> dict:
+        return {**({"name": f"rlkd:{name}:{role}:{i}"} if name else {}), **_placement(pg, bundle)}
     teachers = []
     # OKD and SFT need none (OKD's teacher lives in the learners); SeqKD none once every prompt is cached
     if m.needs_teacher_scores or (m.uses_teacher_generations and not teacher_samples_cached):
-        teacher_cls = ray.remote(TeacherActor).options(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus,
-                                                       runtime_env=env(cfg.teacher.num_cpus))
-        teachers = [teacher_cls.remote(str(prep.teacher_dir), prep.vocab_size, tok.pad_token_id, tok.eos_token_id,
-                                       cfg.teacher.topk, cfg.teacher.temperature, cfg.model.trust_remote_code)
-                    for _ in range(cfg.teacher.num_actors)]
+        opts = dict(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus, runtime_env=env(cfg.teacher.num_cpus),
+                    max_restarts=restarts, max_task_retries=restarts)
+        teachers = [ray.remote(TeacherActor).options(**opts, **named("teacher", i, first_teacher + i)).remote(
+            str(prep.teacher_dir), prep.vocab_size, tok.pad_token_id, tok.eos_token_id, cfg.teacher.topk,
+            cfg.teacher.temperature, cfg.model.trust_remote_code) for i in range(cfg.teacher.num_actors)]
     rollouts = []
     if m.uses_rollouts:  # methods without rollouts start no rollout actors
         r = cfg.rollout
-        rollout_cls = ray.remote(RolloutActor).options(num_cpus=r.num_cpus, num_gpus=r.num_gpus,
-                                                       runtime_env=env(r.num_cpus))
+        opts = dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, runtime_env=env(r.num_cpus), max_restarts=restarts)
         max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens + 8
         mix_dir = str(prep.teacher_dir) if m.mix_alpha else None
-        rollouts = [rollout_cls.remote(str(prep.student_dir), r.backend, tok.pad_token_id, tok.eos_token_id,
-                                       cfg.train.seed + i, r.vllm_memory_fraction, r.vllm_cpu_kv_cache_gib, max_len,
-                                       cfg.model.trust_remote_code, mix_dir)
-                    for i in range(r.num_actors)]
+        rollouts = [ray.remote(RolloutActor).options(**opts, **named("rollout", i, first_rollout + i)).remote(
+            str(prep.student_dir), r.backend, tok.pad_token_id, tok.eos_token_id, cfg.train.seed + i,
+            r.vllm_memory_fraction, r.vllm_cpu_kv_cache_gib, max_len, cfg.model.trust_remote_code, mix_dir)
+            for i in range(r.num_actors)]
     lc, a = cfg.learner, cfg.algo
     adapted = None
     if m.adapted_teacher is not None:
@@ -163,7 +212,7 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_ca
                             critic_lr=lc.critic_lr, weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
                             critic_heads=m.critic_heads, critic_network=a.ammd.critic_network,
                             critic_bound=a.ammd.critic_bound, critic_hidden=_critic_hidden(cfg, prep, m),
-                            adapted_teacher=adapted, seed=cfg.train.seed,
+                            adapted_teacher=adapted, seed=cfg.train.seed, placement=(pg, 2) if pg else None,
                             trust_remote_code=cfg.model.trust_remote_code)
     ray.get([x.ready.remote() for x in teachers + rollouts])
     log(f"actors: {len(teachers)} teacher, {len(rollouts)} rollout ({cfg.rollout.backend if rollouts else '-'}), "
@@ -202,31 +251,15 @@ def evaluate(cfg: Config, prep: Prepared, model_dir: Path | None, teacher_actor=
     return rouge_l(decode(tok, responses), [r.references for r in rows])
 
 
-def _train(cfg: Config, prep: Prepared, groups: Groups, cache: TeacherGenerations, run_dir: Path,
-           log: Callable) -> list[dict]:
+def _controller(cfg: Config, prep: Prepared, groups: Groups, cache: TeacherGenerations):
     from rlkd.controller import Controller, StepSettings
 
     tok, r = prep.tokenizer, cfg.rollout
     settings = StepSettings(cfg.train.batch_size, cfg.data.max_response_tokens, r.temperature, r.top_p,
-                            r.sync_every, r.sync_check_tol, tok.pad_token_id, cfg.train.seed, prep.vocab_size)
-    controller = Controller(groups.method, settings, PromptSampler(prep.train, cfg.train.seed), groups.learners,
-                            groups.rollouts, groups.teachers, cache.responses, prep.val)
-    writer, history, t0, eval_seconds = MetricsWriter(run_dir), [], time.time(), 0.0
-    try:
-        for step in range(1, cfg.train.steps + 1):
-            m = controller.step(step)
-            m["train/wall_seconds"] = time.time() - t0 - eval_seconds  # training time only, for curves
-            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < cfg.train.steps:
-                m.update(_evaluate_now(cfg, prep, groups, run_dir))
-                eval_seconds += m["eval/seconds"]
-            writer.write(m)
-            history.append(m)
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                log(_progress_line(m, cfg.train.steps, time.time() - t0))
-    finally:
-        writer.close()
-        cache.save()
-    return history
+                            r.sync_every, r.sync_check_tol, tok.pad_token_id, cfg.train.seed, prep.vocab_size,
+                            cfg.run.max_actor_restarts)
+    return Controller(groups.method, settings, PromptSampler(prep.train, cfg.train.seed), groups.learners,
+                      groups.rollouts, groups.teachers, cache.responses, prep.val)
 
 
 def _evaluate_now(cfg: Config, prep: Prepared, groups: Groups, run_dir: Path) -> dict:
@@ -241,37 +274,32 @@ def _evaluate_now(cfg: Config, prep: Prepared, groups: Groups, run_dir: Path) ->
     return {"eval/rougeL": score, "eval/seconds": time.time() - t0}
 
 
-def _progress_line(m: dict, total: int, elapsed: float) -> str:
-    step = int(m["step"])
-    eta = elapsed / step * (total - step)
-    losses = " ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in sorted(m.items())
-                      if k.startswith(("loss/", "ammd/", "val/")))
-    return f"step {step}/{total} {losses} tok/s={m['throughput/tokens_per_s']:.0f} eta={eta:.0f}s"
-
-
-def run(cfg: Config, log: Callable = print) -> Path:
-    """Run one distillation job end to end; returns the run directory."""
+def run(cfg: Config, log: Callable = print, resume: Path | None = None, on_step: Callable | None = None) -> Path:
+    """Run one distillation job end to end, or continue `resume` (a run directory) from its last
+    checkpoint; returns the run directory. on_step(metrics, checkpoint_dir | None) follows every step."""
     import ray
 
+    from rlkd.loop import TrainLoop
+
     t_start = time.time()
+    ckpt = checkpoint.resumable(resume) if resume is not None else None  # before any work: fail fast
     prep = prepare(cfg, log)
     steps_per_epoch = max(1, len(prep.train) // cfg.train.batch_size)
     method = build_method(cfg.algo, cfg.train.seed, cfg.train.steps, steps_per_epoch)
-    run_dir = make_run_dir(cfg.run.output_dir, cfg.run.name, cfg.algo.method)
-    resolved = to_dict(cfg)
-    resolved["model"].update(teacher=str(prep.teacher_dir), student=str(prep.student_dir))
-    write_yaml(run_dir / "config.yaml", resolved)
+    run_dir = Path(resume).resolve() if resume is not None else _new_run_dir(cfg, prep)
     log(f"run: {method.label} -> {run_dir}")
     started = connect_ray(cfg.run.num_cpus, log)
     groups = None
     try:
         cache = TeacherGenerations(cfg, prep)
-        groups = start_groups(cfg, prep, method, cache.covers(prep.train), log)
-        scores = {}
-        if cfg.eval.baselines:
-            scores = {"teacher": evaluate(cfg, prep, prep.teacher_dir, (groups.teachers or [None])[0]),
-                      "student_before": evaluate(cfg, prep, prep.student_dir)}
-        history = _train(cfg, prep, groups, cache, run_dir, log)
+        groups = start_groups(cfg, prep, method, cache.covers(prep.train), log, name=run_dir.name)
+        scores = checkpoint.load_state(ckpt)["scores"] if ckpt else _baselines(cfg, prep, groups)
+        loop = TrainLoop(cfg, _controller(cfg, prep, groups, cache), groups.learners, cache, run_dir, log,
+                         lambda: _evaluate_now(cfg, prep, groups, run_dir), on_step, {"scores": scores},
+                         lambda ckpt: prep.tokenizer.save_pretrained(str(ckpt / "student")))
+        if ckpt is not None:
+            loop.restore(ckpt)
+        history = loop.run()
         final_dir = run_dir / "student"
         groups.learners.save_student(str(final_dir))
         prep.tokenizer.save_pretrained(str(final_dir))
@@ -280,7 +308,7 @@ def run(cfg: Config, log: Callable = print) -> Path:
         scores["student_after"] = evaluate(cfg, prep, final_dir)
     finally:
         if groups is not None:
-            groups.learners.shutdown()
+            groups.shutdown()
         if started:
             ray.shutdown()
     summary = _summary(cfg, method, prep, scores, history, time.time() - t_start)
@@ -288,6 +316,21 @@ def run(cfg: Config, log: Callable = print) -> Path:
     mark_completed(run_dir, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": len(history)})
     log(format_table(summary, run_dir))
     return run_dir
+
+
+def _new_run_dir(cfg: Config, prep: Prepared) -> Path:
+    run_dir = make_run_dir(cfg.run.output_dir, cfg.run.name, cfg.algo.method)
+    resolved = to_dict(cfg)
+    resolved["model"].update(teacher=str(prep.teacher_dir), student=str(prep.student_dir))
+    write_yaml(run_dir / "config.yaml", resolved)
+    return run_dir
+
+
+def _baselines(cfg: Config, prep: Prepared, groups: Groups) -> dict:
+    if not cfg.eval.baselines:
+        return {}
+    return {"teacher": evaluate(cfg, prep, prep.teacher_dir, (groups.teachers or [None])[0]),
+            "student_before": evaluate(cfg, prep, prep.student_dir)}
 
 
 def _summary(cfg, method, prep, scores, history, wall) -> dict:

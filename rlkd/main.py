@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
-from rlkd.config import Config, ConfigError, field_docs, load_config
+from rlkd.config import Config, ConfigError, field_docs, load_config, read_yaml
 
 
 def _config_help(obj=None, prefix: str = "") -> list[str]:
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlkd.main", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint "
+                        "(its config.yaml is the config; overrides still apply)")
     parser.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.steps=10")
     parser.add_argument("--help-config", action="store_true", help="list every config field and exit")
     args = parser.parse_args(argv)
@@ -37,9 +40,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from rlkd.data import DataError
     try:
-        cfg = load_config(args.config, args.overrides)
+        if args.resume and args.config:
+            raise ConfigError("--resume and --config exclude each other: a resumed run keeps its own config.yaml")
+        if args.config and not args.resume and "tune" in read_yaml(args.config):
+            from rlkd.tune import sweep
+            return 0 if sweep(args.config, args.overrides)[1] else 130  # 130: interrupted, as after Ctrl-C
+        config = str(Path(args.resume) / "config.yaml") if args.resume else args.config
+        if args.resume:
+            from rlkd.checkpoint import resumable
+            resumable(Path(args.resume))  # a clear error before the config is even read
+        cfg = load_config(config, args.overrides)
         from rlkd.launch import run
-        run(cfg)
+        run(cfg, resume=Path(args.resume) if args.resume else None)
     except (ConfigError, DataError, FileExistsError) as e:
         print(f"rlkd: error: {e}", file=sys.stderr)
         return 2

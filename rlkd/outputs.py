@@ -35,11 +35,12 @@ def write_json(path: Path, data: dict) -> None:
 class MetricsWriter:
     """One JSON line per step in metrics.jsonl, and the same scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, purge_step: int = 1):
+        """purge_step > 1 (a resumed run): TensorBoard drops the events the checkpoint did not cover."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.file = (run_dir / "metrics.jsonl").open("a", buffering=1)
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step if purge_step > 1 else None)
 
     def write(self, metrics: dict, step: int | None = None) -> None:
         step = int(metrics.get("step", 0) if step is None else step)

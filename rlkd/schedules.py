@@ -12,7 +12,7 @@ from collections import deque
 from typing import Protocol
 
 from rlkd.batch import SequenceBatch
-from rlkd.data import TokenizedExample
+from rlkd.data import TokenizedExample, rng_state, set_rng_state
 
 # where a batch's sequences come from
 GOLD, TEACHER_GEN, ROLLOUT, MIXED = "gold", "teacher_generated", "rollout", "teacher_mixed_rollout"
@@ -41,8 +41,38 @@ class ReplayBuffer:
         picked = self.rng.sample(list(self.items), min(n, len(self.items)))
         return SequenceBatch.collate([p for p, _ in picked], [r for _, r in picked], pad_id)
 
+    def state_dict(self) -> dict:
+        return {"items": [list(x) for x in self.items], "rng": rng_state(self.rng)}
 
-class Fixed:
+    def load_state_dict(self, state: dict) -> None:
+        self.items.clear()
+        self.items.extend(tuple(x) for x in state["items"])
+        set_rng_state(self.rng, state["rng"])
+
+
+class _Stateful:
+    """state_dict / load_state_dict over the listed attributes (checkpoints: JSON, no pickles)."""
+
+    _state: tuple[str, ...] = ()
+
+    def state_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in self._state}
+        if getattr(self, "rng", None) is not None:
+            out["rng"] = rng_state(self.rng)
+        if getattr(self, "buffer", None) is not None:
+            out["buffer"] = self.buffer.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in self._state:
+            setattr(self, k, state[k])
+        if "rng" in state:
+            set_rng_state(self.rng, state["rng"])
+        if "buffer" in state:
+            self.buffer.load_state_dict(state["buffer"])
+
+
+class Fixed(_Stateful):
     """The same sources every step, e.g. {'gold': GOLD} or AMMD's {'off': TEACHER_GEN, 'on': ROLLOUT}."""
 
     def __init__(self, sources: dict[str, str]):
@@ -56,12 +86,14 @@ class Fixed:
         return {}
 
 
-class OnPolicyMix:
+class OnPolicyMix(_Stateful):
     """GKD / ImitKD: with probability λ train on fresh student generations, else on `off_source`.
 
     With a replay buffer (ImitKD as distillm runs it) the fresh batch is pushed into the buffer and
     the step trains on a uniform sample of the buffer instead (ALGORITHMS.md §3.8-3.9).
     """
+
+    _state = ("last_on_policy",)
 
     def __init__(self, lmbda: float, off_source: str, seed: int, capacity: int = 0):
         self.lmbda, self.off_source = lmbda, off_source
@@ -88,7 +120,7 @@ class OnPolicyMix:
         return out
 
 
-class AdaptiveSGO:
+class AdaptiveSGO(_Stateful):
     """DistiLLM's adaptive off-policy student-generated outputs (`--type adaptive-*`, §3.6).
 
     Each step draws r ~ U(0,1). With threshold th and the decreasing ratio s = th·(1 − step/total):
@@ -96,6 +128,8 @@ class AdaptiveSGO:
     r < th -> a uniform batch from the buffer; otherwise the gold batch. At each validation the
     threshold rises by 0.1 (max 1) if the validation CE grew by at least loss_eps.
     """
+
+    _state = ("threshold", "prev_loss", "last")
 
     def __init__(self, init_threshold: float, loss_eps: float, capacity: int, total_steps: int, seed: int):
         self.threshold, self.loss_eps, self.total = init_threshold, loss_eps, total_steps

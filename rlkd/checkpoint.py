@@ -1,0 +1,82 @@
+"""Resumable checkpoints: `<run>/checkpoints/step_NNNNNN/`, written atomically.
+
+A checkpoint is assembled in a hidden `.tmp-step_NNNNNN` directory and renamed into place only
+when complete (a rename is atomic on one file system); the `latest` pointer is replaced atomically
+after that. A crash while writing leaves at worst a stale temporary directory, and the previous
+checkpoint stays the one `latest` names. Contents:
+
+    student/                 the student, Hugging Face format (safetensors, with its tokenizer)
+    critic.safetensors       AMMD critic heads (when the method has them)
+    teacher_adapter/         OKD: the teacher's LoRA adapter (PEFT format)
+    deepspeed/<engine>/      DeepSpeed checkpoints: module, optimizer (and scheduler) states per engine
+    rng/rank<i>.pt           each learner rank's torch RNG state (tensors only: weights_only loads)
+    state.json               step, data position and sampler RNG, schedule state (replay buffers,
+                             thresholds, RNGs), training wall clock, baseline scores
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+LATEST = "latest"
+
+
+def _dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save(run_dir: Path, step: int, learners, state: dict, keep: int = 2, finalize=None) -> Path:
+    """Write checkpoint `step` (learners: anything with save_checkpoint(dir); finalize(dir) adds the rest,
+    e.g. the tokenizer beside the HF student); keep the newest `keep`."""
+    root = _dir(run_dir)
+    final, tmp = root / f"step_{step:06d}", root / f".tmp-step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    learners.save_checkpoint(str(tmp))
+    if finalize is not None:
+        finalize(tmp)
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+    shutil.rmtree(final, ignore_errors=True)  # only if a resumed run passes this step again
+    os.replace(tmp, final)
+    pointer = root / f".{LATEST}.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, root / LATEST)
+    for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint: the one `latest` names, else the highest complete step_*."""
+    root = _dir(run_dir)
+    named = root / LATEST
+    if named.is_file():
+        path = root / named.read_text().strip()
+        if (path / "state.json").is_file():
+            return path
+    complete = [p for p in sorted(root.glob("step_*")) if (p / "state.json").is_file()]
+    return complete[-1] if complete else None
+
+
+def load_state(path: Path) -> dict:
+    return json.loads((Path(path) / "state.json").read_text())
+
+
+def resumable(run_dir: Path) -> Path:
+    """The checkpoint `--resume run_dir` continues from; a one-line ConfigError if there is none."""
+    from rlkd.config import ConfigError
+    from rlkd.outputs import COMPLETED
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {str(run_dir)!r}: not a run directory (no config.yaml); give the directory "
+                          "that `python -m rlkd.main` printed after 'run:'")
+    if (run_dir / COMPLETED).exists():
+        raise ConfigError(f"--resume {str(run_dir)!r}: that run already completed ({COMPLETED} is present)")
+    ckpt = latest(run_dir)
+    if ckpt is None:
+        raise ConfigError(f"--resume {str(run_dir)!r}: no complete checkpoint under {run_dir / 'checkpoints'} "
+                          "(train.checkpoint_every=0, or the run stopped before its first checkpoint)")
+    return ckpt

@@ -1,0 +1,91 @@
+"""The training loop around the controller: steps, periodic evaluation, checkpoints, and reporting
+(metrics.jsonl + TensorBoard, Prometheus gauges, progress, and an optional per-step hook that Ray
+Tune trials use). Holds handles only; rlkd.launch wires the actors in.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from rlkd import checkpoint
+from rlkd.outputs import MetricsWriter
+from rlkd.telemetry import Progress, PrometheusMetrics
+
+
+def read_metrics(run_dir: Path, up_to_step: int) -> list[dict]:
+    """metrics.jsonl cut back to the steps a checkpoint covers (a resumed run repeats the rest)."""
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    rows = [r for r in rows if r.get("step", 0) <= up_to_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return rows
+
+
+class TrainLoop:
+    """Steps `first..cfg.train.steps` of one run.
+
+    evaluate_now() -> {'eval/rougeL', 'eval/seconds'} scores the current student; on_step(metrics,
+    checkpoint_dir | None) is called after every step. `extra_state` (e.g. baseline scores) is stored
+    in each checkpoint so a resumed run can finish its summary; finalize_checkpoint(dir) adds files.
+    """
+
+    def __init__(self, cfg, controller, learners, teacher_cache, run_dir: Path, log: Callable,
+                 evaluate_now: Callable[[], dict], on_step: Callable | None = None, extra_state: dict | None = None,
+                 finalize_checkpoint: Callable[[Path], None] | None = None):
+        self.cfg, self.controller, self.learners, self.cache = cfg, controller, learners, teacher_cache
+        self.run_dir, self.log, self.evaluate_now, self.on_step = run_dir, log, evaluate_now, on_step
+        self.extra_state, self.finalize_checkpoint = extra_state or {}, finalize_checkpoint
+        self.first, self.wall0, self.history = 1, 0.0, []
+
+    def restore(self, ckpt: Path) -> dict:
+        """Load a checkpoint: learners (engines, optimizers, RNG), then data and schedule state."""
+        state = checkpoint.load_state(ckpt)
+        self.learners.load_checkpoint(str(ckpt))
+        self.controller.load_state_dict(state["controller"])
+        self.controller.sync_now()  # rollout actors started from the initial student
+        self.first, self.wall0 = state["step"] + 1, state["wall_seconds"]
+        self.history = read_metrics(self.run_dir, state["step"])
+        self.log(f"resumed from {ckpt} (step {state['step']}, data position {state['controller']['sampler']['position']})")
+        return state
+
+    def run(self) -> list[dict]:
+        cfg, total = self.cfg, self.cfg.train.steps
+        writer = MetricsWriter(self.run_dir, purge_step=self.first)
+        gauges = PrometheusMetrics(self.run_dir.name)
+        progress = Progress(total, self.first, cfg.train.log_every, self.log)
+        t0, paused = time.time(), 0.0  # paused: evaluation and checkpoint time, kept out of training time
+        try:
+            for step in range(self.first, total + 1):
+                m = self.controller.step(step)
+                m["train/wall_seconds"] = self.wall0 + time.time() - t0 - paused
+                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total:
+                    m.update(self.evaluate_now())
+                    paused += m["eval/seconds"]
+                ckpt = None
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                    t_ckpt = time.time()
+                    ckpt = self._checkpoint(step, m["train/wall_seconds"])
+                    m["checkpoint/seconds"] = time.time() - t_ckpt
+                    paused += m["checkpoint/seconds"]
+                writer.write(m)
+                self.history.append(m)
+                gauges.update(m)
+                progress.update(m)
+                if self.on_step is not None:
+                    self.on_step(m, ckpt)
+        finally:
+            progress.close()
+            writer.close()
+            self.cache.save()
+        return self.history
+
+    def _checkpoint(self, step: int, wall_seconds: float) -> Path:
+        self.controller.sync_now()  # a resumed run starts its rollout actors from the checkpoint's weights
+        self.cache.save()
+        state = {"controller": self.controller.state_dict(), "wall_seconds": wall_seconds, **self.extra_state}
+        return checkpoint.save(self.run_dir, step, self.learners, state, self.cfg.train.keep_checkpoints,
+                               self.finalize_checkpoint)

@@ -1,0 +1,77 @@
+"""Dashboards and progress: a running node's Prometheus endpoint serves rlkd's gauges; the shipped
+Grafana dashboard queries them; progress is a bar in a terminal and periodic lines elsewhere."""
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+from rlkd.config import load_config
+from rlkd.launch import run
+from rlkd.telemetry import Progress, gauge_name
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPECTED = ["ray_rlkd_throughput_tokens_per_s", "ray_rlkd_timing_policy", "ray_rlkd_timing_rollout",
+            "ray_rlkd_timing_critic", "ray_rlkd_loss_critic", "ray_rlkd_ammd_d_on", "ray_rlkd_step"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_metrics_endpoint_serves_rlkd_gauges(tmp_path):
+    import ray
+
+    port = _free_port()
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=port,
+             log_to_driver=False)
+    try:
+        cfg = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", "run.name=scrape", "train.steps=4",
+                                                 "algo.ammd.critic_warmup_steps=1", "eval.num_examples=0",
+                                                 f"model.cache_dir={tmp_path / 'cache'}"])
+        run(cfg)
+        deadline, text = time.time() + 90, ""
+        while time.time() < deadline:  # Ray pushes application metrics to the node agent every few seconds
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            if all(name in text for name in EXPECTED):
+                break
+            time.sleep(3)
+    finally:
+        ray.shutdown()
+    missing = [n for n in EXPECTED if n not in text]
+    assert not missing, f"not scraped: {missing}; rlkd lines: {[x for x in text.splitlines() if 'rlkd' in x][:10]}"
+    step_lines = [x for x in text.splitlines() if x.startswith("ray_rlkd_step{")]
+    assert any('run="scrape"' in x and x.rstrip().endswith(" 4.0") for x in step_lines), step_lines
+
+
+def test_grafana_dashboard_queries_exported_names():
+    dash = json.loads((ROOT / "docs" / "grafana_rlkd.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert len(dash["panels"]) >= 6 and all("ray_rlkd_" in e for e in exprs)
+    assert gauge_name("loss/policy") == "rlkd_loss_policy" and gauge_name("timing/step") == "rlkd_timing_step"
+
+
+def _metrics(step):
+    return {"step": step, "loss/policy": 0.5 / step, "throughput/tokens_per_s": 1000.0}
+
+
+def test_progress_prints_every_n_steps_outside_a_terminal():
+    lines = []
+    p = Progress(total=6, start=1, every=2, log=lines.append, interactive=False)
+    for s in range(1, 7):
+        p.update(_metrics(s))
+    p.close()
+    assert [x.split()[1] for x in lines] == ["2/6", "4/6", "6/6"]
+    assert "policy=0.2500" in lines[0] and "tok/s=1000" in lines[0] and "eta=" in lines[0]
+
+
+def test_progress_bar_in_a_terminal(capsys):
+    p = Progress(total=3, start=1, every=1, log=print, interactive=True)
+    for s in range(1, 4):
+        p.update(_metrics(s))
+    p.close()
+    err = capsys.readouterr().err
+    assert "3/3" in err and "tok/s=1000" in err and "policy=" in err
