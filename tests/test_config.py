@@ -14,7 +14,12 @@ def test_configs_found():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_every_config_loads_and_validates(path):
-    cfg = load_config(str(path))
+    if path.parent.name == "sweeps":  # a tune: section: the base config and every search-space field are checked
+        from rlkd.tune import load_sweep
+
+        cfg = load_sweep(str(path))[2]
+    else:
+        cfg = load_config(str(path))
     assert isinstance(cfg, Config)
 
 
@@ -30,6 +35,9 @@ def test_every_field_has_a_docstring():
                 walk(type(default))
 
     walk(Config)
+    from rlkd.tune import TuneConfig
+
+    walk(TuneConfig)
 
 
 def test_overrides_are_typed_and_frozen():

@@ -36,7 +36,8 @@ def test_metrics_endpoint_serves_rlkd_gauges(tmp_path):
         deadline, text = time.time() + 90, ""
         while time.time() < deadline:  # Ray pushes application metrics to the node agent every few seconds
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-            if all(name in text for name in EXPECTED):
+            final = any(x.startswith("ray_rlkd_step{") and x.rstrip().endswith(" 4.0") for x in text.splitlines())
+            if final and all(name in text for name in EXPECTED):  # the last step's values have arrived
                 break
             time.sleep(3)
     finally:

@@ -28,13 +28,13 @@ def _env():
 
 
 def check_finished(tmp_path):
-    """Both trials ran to the end (8 steps, COMPLETED) or ASHA stopped one at a milestone (4 steps)."""
+    """Both trials ran to the end (6 steps, COMPLETED) or ASHA stopped one at a milestone (3 steps)."""
     runs = sorted((tmp_path / "smoke_sweep-trials" / "runs").iterdir())
     assert len(runs) == 2
     for run_dir in runs:
         steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         done = (run_dir / "COMPLETED").exists()
-        assert steps == list(range(1, 9 if done else len(steps) + 1)) and (done or len(steps) >= 4), steps
+        assert steps == list(range(1, 7 if done else len(steps) + 1)) and (done or len(steps) >= 3), steps
         assert (run_dir / "tensorboard").is_dir()
     assert any((d / "COMPLETED").exists() for d in runs)
     exp = tmp_path / "smoke_sweep"
