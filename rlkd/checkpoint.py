@@ -20,6 +20,8 @@ import os
 import shutil
 from pathlib import Path
 
+from rlkd.outputs import COMPLETED, write_text_atomic
+
 LATEST = "latest"
 
 
@@ -40,9 +42,7 @@ def save(run_dir: Path, step: int, learners, state: dict, keep: int = 2, finaliz
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
     shutil.rmtree(final, ignore_errors=True)  # only if a resumed run passes this step again
     os.replace(tmp, final)
-    pointer = root / f".{LATEST}.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, root / LATEST)
+    write_text_atomic(root / LATEST, final.name)
     for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -67,7 +67,6 @@ def load_state(path: Path) -> dict:
 def resumable(run_dir: Path) -> Path:
     """The checkpoint `--resume run_dir` continues from; a one-line ConfigError if there is none."""
     from rlkd.config import ConfigError
-    from rlkd.outputs import COMPLETED
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

@@ -141,11 +141,16 @@ def bundles(cfg: Config, method: Method) -> list[dict]:
         return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
 
     out = [{"CPU": 1.0}, {"CPU": 1.0}] + [res(cfg.learner.num_cpus, cfg.learner.num_gpus)] * cfg.learner.num_ranks
-    if method.needs_teacher_scores or method.uses_teacher_generations:
+    if _may_need_teacher(method):
         out += [res(cfg.teacher.num_cpus, cfg.teacher.num_gpus)] * cfg.teacher.num_actors
     if method.uses_rollouts:
         out += [res(cfg.rollout.num_cpus, cfg.rollout.num_gpus)] * cfg.rollout.num_actors
     return out
+
+
+def _may_need_teacher(method: Method) -> bool:
+    """A teacher actor scores or samples for this method (start_groups may skip it when samples are cached)."""
+    return method.needs_teacher_scores or method.uses_teacher_generations
 
 
 def _placement(pg, index: int) -> dict:
@@ -178,8 +183,7 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_ca
     restarts, ranks = cfg.run.max_actor_restarts, cfg.learner.num_ranks
     pg = ray.util.get_current_placement_group()  # set inside a Ray Tune trial: the layout of `bundles`
     first_teacher = 2 + ranks
-    first_rollout = first_teacher + (cfg.teacher.num_actors if m.needs_teacher_scores or m.uses_teacher_generations
-                                     else 0)
+    first_rollout = first_teacher + (cfg.teacher.num_actors if _may_need_teacher(m) else 0)
 
     def named(role: str, i: int, bundle: int) -> dict:
         return {**({"name": f"rlkd:{name}:{role}:{i}"} if name else {}), **_placement(pg, bundle)}
@@ -293,12 +297,13 @@ def run(cfg: Config, log: Callable = print, resume: Path | None = None, on_step:
     try:
         cache = TeacherGenerations(cfg, prep)
         groups = start_groups(cfg, prep, method, cache.covers(prep.train), log, name=run_dir.name)
-        scores = checkpoint.load_state(ckpt)["scores"] if ckpt else _baselines(cfg, prep, groups)
+        state = checkpoint.load_state(ckpt) if ckpt else None
+        scores = state["scores"] if state else _baselines(cfg, prep, groups)
         loop = TrainLoop(cfg, _controller(cfg, prep, groups, cache), groups.learners, cache, run_dir, log,
                          lambda: _evaluate_now(cfg, prep, groups, run_dir), on_step, {"scores": scores},
                          lambda ckpt: prep.tokenizer.save_pretrained(str(ckpt / "student")))
         if ckpt is not None:
-            loop.restore(ckpt)
+            loop.restore(ckpt, state)
         history = loop.run()
         final_dir = run_dir / "student"
         groups.learners.save_student(str(final_dir))

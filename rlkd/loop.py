@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rlkd import checkpoint
-from rlkd.outputs import MetricsWriter
+from rlkd.outputs import MetricsWriter, write_text_atomic
 from rlkd.telemetry import Progress, PrometheusMetrics
 
 
@@ -19,9 +19,7 @@ def read_metrics(run_dir: Path, up_to_step: int) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
     rows = [r for r in rows if r.get("step", 0) <= up_to_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
@@ -41,16 +39,15 @@ class TrainLoop:
         self.extra_state, self.finalize_checkpoint = extra_state or {}, finalize_checkpoint
         self.first, self.wall0, self.history = 1, 0.0, []
 
-    def restore(self, ckpt: Path) -> dict:
-        """Load a checkpoint: learners (engines, optimizers, RNG), then data and schedule state."""
-        state = checkpoint.load_state(ckpt)
+    def restore(self, ckpt: Path, state: dict) -> None:
+        """Load checkpoint `ckpt` (its state.json already read): learners (engines, optimizers, RNG), then
+        data and schedule state."""
         self.learners.load_checkpoint(str(ckpt))
         self.controller.load_state_dict(state["controller"])
         self.controller.sync_now()  # rollout actors started from the initial student
         self.first, self.wall0 = state["step"] + 1, state["wall_seconds"]
         self.history = read_metrics(self.run_dir, state["step"])
         self.log(f"resumed from {ckpt} (step {state['step']}, data position {state['controller']['sampler']['position']})")
-        return state
 
     def run(self) -> list[dict]:
         cfg, total = self.cfg, self.cfg.train.steps

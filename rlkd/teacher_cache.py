@@ -11,6 +11,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from rlkd.outputs import write_text_atomic
+
 
 def _fingerprint(model_dir: Path) -> list:
     """Path, size and mtime of each weight file: changes whenever the weights do."""
@@ -39,6 +41,4 @@ class TeacherGenerations:
         if len(self.responses) == self._loaded:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({str(k): v for k, v in self.responses.items()}))
-        tmp.replace(self.path)  # atomic: a killed run never leaves a half-written cache
+        write_text_atomic(self.path, json.dumps({str(k): v for k, v in self.responses.items()}))
