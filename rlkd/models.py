@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rlkd.config import Config, ConfigError, TinyModelConfig
 
-EOS, PAD = "<|endoftext|>", "<|pad|>"
+EOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<|unk|>"
 
 
 def check_model_dir(path: str, name: str) -> Path:
@@ -115,6 +115,25 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
     return tok
 
 
+def train_word_tokenizer(texts: list[str], out_dir: Path, extra: tuple[str, ...] = ()):
+    """A word-level tokenizer (one id per word, number or punctuation run) for built-in suites whose
+    vocabulary is closed: short sequences and one token per answer word. Decoding joins with spaces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    split = pre_tokenizers.Whitespace()
+    seen = dict.fromkeys(extra)
+    for text in texts:
+        seen.update(dict.fromkeys(piece for piece, _ in split.pre_tokenize_str(text)))
+    vocab = {t: i for i, t in enumerate([EOS, PAD, UNK] + sorted(seen))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    core.pre_tokenizer = split
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, bos_token=EOS, pad_token=PAD,
+                                  unk_token=UNK, clean_up_tokenization_spaces=False)
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
 def tiny_llama(tok, hidden: int, layers: int, head_dim: int, max_positions: int, seed: int):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -138,6 +157,25 @@ def _embedded_key(cfg: Config, data_file: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def build_cached(root: Path, build: Callable[[Path], None], log=print) -> Path:
+    """`root` if a finished build is cached there; else build(tmp) into a temporary sibling directory,
+    mark it DONE and rename it into place (a concurrent run that finished first wins)."""
+    if (root / "DONE").is_file():
+        log(f"models: reusing cached {root}")
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root.parent))
+    t0 = time.time()
+    build(tmp)
+    (tmp / "DONE").write_text(f"built in {time.time() - t0:.1f}s\n")
+    if root.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, root)
+    log(f"models: cached in {root} ({time.time() - t0:.0f}s)")
+    return root
+
+
 def embedded_models(cfg: Config, data_file: Path, train_texts: Callable[[], list[str]],
                     sft: Callable[..., dict], log=print) -> tuple[Path, Path]:
     """Build (or reuse from cache) the embedded tokenizer + SFT'd tiny teacher and student.
@@ -146,29 +184,21 @@ def embedded_models(cfg: Config, data_file: Path, train_texts: Callable[[], list
     a model in place and returns its summary. Returns (teacher_dir, student_dir).
     """
     root = Path(cfg.model.cache_dir).expanduser() / f"embedded-{_embedded_key(cfg, data_file)}"
-    if (root / "DONE").is_file():
-        log(f"models: reusing cached embedded tokenizer and tiny models in {root}")
-        return root / "teacher", root / "student"
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root.parent))
     t: TinyModelConfig = cfg.model.tiny
-    t0 = time.time()
-    tok = train_tokenizer(train_texts(), t.vocab_size, tmp / "tokenizer")
-    max_pos = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens + 8
-    summary = {}
-    for role, hidden, layers, steps in (("teacher", t.teacher_hidden, t.teacher_layers, t.teacher_sft_steps),
-                                        ("student", t.student_hidden, t.student_layers, t.student_sft_steps)):
-        model = tiny_llama(tok, hidden, layers, t.head_dim, max_pos, seed=cfg.train.seed + len(role))
-        n_params = sum(p.numel() for p in model.parameters())
-        log(f"models: {role}: tiny Llama {layers}x{hidden}, {n_params / 1e6:.2f}M params, SFT {steps} steps")
-        summary[role] = {"params": n_params, **sft(model, tok, steps)}
-        model.save_pretrained(str(tmp / role), safe_serialization=True)
-        tok.save_pretrained(str(tmp / role))
-    (tmp / "embedded.json").write_text(json.dumps(summary, indent=2))
-    (tmp / "DONE").write_text(f"built in {time.time() - t0:.1f}s\n")
-    if root.exists():  # a concurrent run finished first; keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, root)
-    log(f"models: embedded models cached in {root} ({time.time() - t0:.0f}s)")
+
+    def build(tmp: Path) -> None:
+        tok = train_tokenizer(train_texts(), t.vocab_size, tmp / "tokenizer")
+        max_pos = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens + 8
+        summary = {}
+        for role, hidden, layers, steps in (("teacher", t.teacher_hidden, t.teacher_layers, t.teacher_sft_steps),
+                                            ("student", t.student_hidden, t.student_layers, t.student_sft_steps)):
+            model = tiny_llama(tok, hidden, layers, t.head_dim, max_pos, seed=cfg.train.seed + len(role))
+            n_params = sum(p.numel() for p in model.parameters())
+            log(f"models: {role}: tiny Llama {layers}x{hidden}, {n_params / 1e6:.2f}M params, SFT {steps} steps")
+            summary[role] = {"params": n_params, **sft(model, tok, steps)}
+            model.save_pretrained(str(tmp / role), safe_serialization=True)
+            tok.save_pretrained(str(tmp / role))
+        (tmp / "embedded.json").write_text(json.dumps(summary, indent=2))
+
+    root = build_cached(root, build, log)
     return root / "teacher", root / "student"

@@ -1,0 +1,1 @@
+"""Built-in task suites: deterministic generators of instruction rows in rlkd's JSONL format."""
