@@ -36,13 +36,16 @@ class PairScorer:
             t = torch.log_softmax(response_forward(self.teacher, batch, self.vocab_size)[0], -1)
             s = torch.log_softmax(response_forward(self.student, batch, self.vocab_size)[0], -1)
             parts.append({"hits": M.top1_hits(t, s), "unc": M.unc(t, batch.responses),
-                          "kl": M.per_token_kl(t, s), "mask": batch.response_mask.float()})
+                          "kl": M.per_token_kl(t, s), "mask": batch.response_mask.float(),
+                          "nll": -s.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1)})
         width = max(p["mask"].shape[1] for p in parts)
         return {k: torch.cat([torch.nn.functional.pad(p[k], (0, width - p[k].shape[1])) for p in parts])
                 for k in parts[0]}
 
-    def generate_teacher(self, prompts: list[list[int]], max_new_tokens: int, seed: int) -> list[list[int]]:
-        """Teacher samples at temperature 1 (the ε reference of ExAccErr)."""
-        from actors.hf_generate import hf_generate
+    def generate_teacher(self, prompts: list[list[int]], max_new_tokens: int, seed: int,
+                         no_repeat_ngram_size: int = 0) -> list[list[int]]:
+        """Teacher samples with the student's evaluation settings (the ε reference of ExAccErr)."""
+        from rlkd.sampling import hf_generate
 
-        return hf_generate(self.teacher, prompts, self.pad_id, self.eos_id, max_new_tokens, seed=seed)[0]
+        return hf_generate(self.teacher, prompts, self.pad_id, self.eos_id, max_new_tokens, seed=seed,
+                           no_repeat_ngram_size=no_repeat_ngram_size)[0]

@@ -21,7 +21,7 @@ class _HFEngine:
         self.pad_id, self.eos_id = pad_id, eos_id
 
     def generate(self, prompts, max_new_tokens, temperature, top_p, seed, no_repeat_ngram_size):
-        from actors.hf_generate import hf_generate
+        from rlkd.sampling import hf_generate
 
         return hf_generate(self.model, prompts, self.pad_id, self.eos_id, max_new_tokens, temperature,
                            top_p, seed, no_repeat_ngram_size)

@@ -50,7 +50,7 @@ class TeacherActor:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int = 0, no_repeat_ngram_size: int = 0) -> dict:
         """Teacher responses for off-policy data and evaluation (same contract as RolloutActor)."""
-        from actors.hf_generate import hf_generate
+        from rlkd.sampling import hf_generate
 
         t0 = time.perf_counter()
         responses, logprobs = hf_generate(self.model, prompts, self.pad_id, self.eos_id, max_new_tokens,

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from actors.hf_generate import hf_generate
+from rlkd.sampling import hf_generate
 from learners.critic import CriticHeads
 from rlkd.batch import SequenceBatch, StudentForward, TeacherScores
 from rlkd.forward import response_forward

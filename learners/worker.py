@@ -146,7 +146,24 @@ class LearnerWorker:
             engines[t].step()
         if check_sync:
             metrics.update(self._sync_gap(fwd))
-        return self._global(metrics)
+        out = self._global(metrics)
+        if "student" in targets:
+            out.update(self._collapse(fwd))
+        return out
+
+    def _collapse(self, fwd: dict[str, StudentForward]) -> dict[str, float]:
+        """Collapse detectors of the student (and, for scale, the full-vocabulary teacher) per batch name."""
+        from rlkd.eval_metrics import collapse_stats
+
+        out = {}
+        for name, f in fwd.items():
+            models = {"student": f.logp}
+            if f.teacher is not None and f.teacher.index is None:
+                models["teacher"] = f.teacher.logp
+            for who, logp in models.items():
+                for k, v in collapse_stats(logp.detach(), f.mask, self._all_reduce).items():
+                    out[f"collapse/{who}_{k}_{name}"] = v
+        return out
 
     @torch.no_grad()
     def evaluate(self, objective: Callable) -> dict[str, float]:

@@ -28,7 +28,8 @@ def format_prompt(instruction: str, context: str = "") -> str:
 @dataclass
 class Example:
     prompt: str
-    references: list[str]  # first one is the training target; all count for ROUGE-L
+    references: list[str]  # first one is the training target; all count for ROUGE-L and exact match
+    family: str | None = None  # task family (skills suite), for per-family scores
 
 
 @dataclass
@@ -66,7 +67,10 @@ def _parse_row(row) -> tuple[Example | None, str]:
     refs = [response] if isinstance(response, str) else response
     if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r.strip() for r in refs):
         return None, "missing or empty 'response'/'output' (a string or a list of strings)"
-    return Example(format_prompt(instruction.strip(), context.strip()), [r.strip() for r in refs]), ""
+    family = row.get("family")
+    if family is not None and not isinstance(family, str):
+        return None, "'family' must be a string"
+    return Example(format_prompt(instruction.strip(), context.strip()), [r.strip() for r in refs], family), ""
 
 
 def read_examples(path: str | Path, max_rows: int = 0) -> tuple[list[Example], DataReport]:
@@ -109,9 +113,21 @@ def split(examples: list, val_size: int, seed: int) -> tuple[list, list]:
 @dataclass
 class TokenizedExample:
     uid: int  # position in the tokenized list (keys caches such as teacher generations)
-    prompt_ids: list[int]  # truncated from the left to max_prompt_tokens
+    prompt_ids: list[int]  # cut in the middle to max_prompt_tokens (see cut_middle)
     response_ids: list[int]  # gold response + EOS, cut to max_response_tokens
     references: list[str]
+    family: str | None = None
+    truncated: bool = False  # the prompt was longer than max_prompt_tokens
+
+
+def cut_middle(ids: list[int], limit: int) -> list[int]:
+    """Keep the first and last halves of an over-long prompt. The start holds the header and the
+    instruction, the end the last of the input and '### Response:', so neither is lost (cutting from
+    the left would drop the instruction)."""
+    if len(ids) <= limit:
+        return ids
+    head = (limit + 1) // 2
+    return ids[:head] + ids[len(ids) - (limit - head):]
 
 
 def tokenize(examples: list[Example], tokenizer, max_prompt_tokens: int, max_response_tokens: int
@@ -119,7 +135,8 @@ def tokenize(examples: list[Example], tokenizer, max_prompt_tokens: int, max_res
     eos = tokenizer.eos_token_id
     prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
     responses = tokenizer([e.references[0] for e in examples], add_special_tokens=False)["input_ids"]
-    return [TokenizedExample(i, p[-max_prompt_tokens:], (r + [eos])[:max_response_tokens], e.references)
+    return [TokenizedExample(i, cut_middle(p, max_prompt_tokens), (r + [eos])[:max_response_tokens], e.references,
+                             e.family, len(p) > max_prompt_tokens)
             for i, (p, r, e) in enumerate(zip(prompts, responses, examples))]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rlkd.config import ConfigError
 from rlkd.data import DataError, read_examples, tokenize
-from rlkd.evaluation import decode, rouge_l
+from rlkd.evaluation import decode, sample_scores, summarize
 from rlkd.models import check_model_dir, check_same_tokenizer, load_tokenizer
 
 
@@ -30,7 +30,7 @@ def parse_args(argv):
     ap.add_argument("--max-examples", type=int, default=0, help="evaluate the first N usable rows (0 = all)")
     ap.add_argument("--out", required=True, help="directory for eval.json and eval.md")
     ap.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="rollout actor engine")
-    ap.add_argument("--max-prompt-tokens", type=int, default=256, help="prompts are cut from the left to this")
+    ap.add_argument("--max-prompt-tokens", type=int, default=256, help="longer prompts are cut in the middle to this")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="generation length limit")
     ap.add_argument("--no-repeat-ngram-size", type=int, default=6, help="MiniLLM default 6; 0 disables")
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per teacher-forced scoring call")
@@ -48,8 +48,9 @@ def parse_args(argv):
 
 
 def teacher_metrics(teacher_dir, model_dir, vocab, pad_id, eos_id, prompts, references, student_samples, max_new,
-                    seed, batch_size) -> dict:
-    """TOP-1 agreement (all / easy / hard by teacher UNC), token KL(p‖q), ExAccErr(16) and at full length.
+                    seed, batch_size, no_repeat_ngram_size=0) -> dict:
+    """TOP-1 agreement (all / easy / hard by teacher UNC), token KL(p‖q), gold cross-entropy, and
+    ExAccErr(16) and at full length, with teacher prefixes sampled under the student's settings.
 
     Runs where it is called; rlkd.eval runs it as a Ray task, so pooled workers keep their imports.
     """
@@ -61,11 +62,13 @@ def teacher_metrics(teacher_dir, model_dir, vocab, pad_id, eos_id, prompts, refe
     hits, mask = gold["hits"], gold["mask"]
     easy, hard, threshold = M.easy_hard_agreement(hits, gold["unc"], mask)
     on_s = scorer.stats(prompts, student_samples, batch_size)
-    on_t = scorer.stats(prompts, scorer.generate_teacher(prompts, max_new, seed), batch_size)
+    teacher_samples = scorer.generate_teacher(prompts, max_new, seed, no_repeat_ngram_size)
+    on_t = scorer.stats(prompts, teacher_samples, batch_size)
     kl_s, m_s, kl_t, m_t = on_s["kl"], on_s["mask"], on_t["kl"], on_t["mask"]
     full = int(min(m_s.sum(1).max(), m_t.sum(1).max()))
     return {"top1_agreement": M.masked_mean(hits, mask), "top1_agreement_easy": easy, "top1_agreement_hard": hard,
             "unc_threshold": threshold, "token_kl_teacher_student": M.masked_mean(gold["kl"], mask),
+            "gold_ce": M.masked_mean(gold["nll"], mask),
             "exacc_err_16": M.exacc_err(kl_s, m_s, kl_t, m_t, 16),
             f"exacc_err_full_{full}": M.exacc_err(kl_s, m_s, kl_t, m_t, full)}
 
@@ -81,8 +84,22 @@ def evaluate(args, log=print) -> dict:
     return result
 
 
+def prompt_limit(model_dirs, max_prompt_tokens: int, max_new_tokens: int, log=print) -> int:
+    """The prompt budget that keeps prompt + response inside every model's max_position_embeddings."""
+    from transformers import AutoConfig
+
+    positions = min(getattr(AutoConfig.from_pretrained(str(d)), "max_position_embeddings", 1 << 30) for d in model_dirs)
+    if max_new_tokens >= positions:
+        raise ConfigError(f"--max-new-tokens={max_new_tokens} is invalid: the models have {positions} positions; "
+                          "leave room for the prompt")
+    if max_prompt_tokens + max_new_tokens > positions:
+        log(f"prompts limited to {positions - max_new_tokens} tokens (the models have {positions} positions)")
+        return positions - max_new_tokens
+    return max_prompt_tokens
+
+
 def evaluate_examples(examples, model_dir: Path, teacher_dir: Path | None, args, log=print) -> dict:
-    """ROUGE-L over args.seeds (and teacher metrics) for parsed examples; args as parse_args gives them."""
+    """ROUGE-L and exact match over args.seeds (and teacher metrics) for parsed examples."""
     import ray
 
     from actors.rollout import RolloutActor
@@ -90,28 +107,36 @@ def evaluate_examples(examples, model_dir: Path, teacher_dir: Path | None, args,
 
     vocab = check_same_tokenizer(teacher_dir, model_dir) if teacher_dir else None
     tok = load_tokenizer(model_dir)
-    rows = tokenize(examples, tok, args.max_prompt_tokens, args.max_new_tokens)
-    prompts, refs = [r.prompt_ids for r in rows], [r.references for r in rows]
+    limit = prompt_limit([model_dir] + ([teacher_dir] if teacher_dir else []), args.max_prompt_tokens,
+                         args.max_new_tokens, log)
+    rows = tokenize(examples, tok, limit, args.max_new_tokens)
+    cut = sum(r.truncated for r in rows)
+    if cut:
+        log(f"{cut} of {len(rows)} prompts were longer than {limit} tokens and were cut in the middle")
+    prompts, refs, families = [r.prompt_ids for r in rows], [r.references for r in rows], [r.family for r in rows]
     started = connect_ray(log=lambda *a: None)
     try:
         gen = ray.remote(RolloutActor).options(num_cpus=1).remote(
             str(model_dir), args.backend, tok.pad_token_id, tok.eos_token_id,
-            max_model_len=args.max_prompt_tokens + args.max_new_tokens + 8)
-        scores, samples = [], {}
+            max_model_len=limit + args.max_new_tokens + 8)
+        per_seed, texts, samples = [], [], {}
         for seed in args.seeds:
             out = ray.get(gen.generate.remote(prompts, args.max_new_tokens, 1.0, 1.0, seed, args.no_repeat_ngram_size))
             samples[seed] = out["responses"]
-            scores.append(rouge_l(decode(tok, out["responses"]), refs))
-            log(f"seed {seed}: ROUGE-L {scores[-1]:.2f}")
-        result = {"model": str(model_dir), "num_examples": len(rows), "seeds": args.seeds, "rougeL_per_seed": scores,
-                  "rougeL_mean": statistics.mean(scores),
-                  "rougeL_std": statistics.stdev(scores) if len(scores) > 1 else 0.0}
+            texts.append(decode(tok, out["responses"]))
+            per_seed.append(sample_scores(texts[-1], out["responses"], refs, families, tok.eos_token_id))
+            log(f"seed {seed}: ROUGE-L {per_seed[-1]['rougeL']:.2f}, exact match {per_seed[-1]['exact_match']:.1f}")
+        result = {"model": str(model_dir), "num_examples": len(rows), "truncated_prompts": cut, "seeds": args.seeds,
+                  **summarize(per_seed, texts, refs, families),
+                  "samples": [{"prompt": e.prompt, "references": e.references[:3], "answers": [t[i] for t in texts]}
+                              for i, e in enumerate(examples[:3])]}
         if teacher_dir is not None:
             task = ray.remote(num_cpus=1)(teacher_metrics)
             result["teacher"] = str(teacher_dir)
             result.update(ray.get(task.remote(teacher_dir, model_dir, vocab, tok.pad_token_id, tok.eos_token_id,
                                               prompts, [r.response_ids for r in rows], samples[args.seeds[0]],
-                                              args.max_new_tokens, args.seeds[0], args.batch_size)))
+                                              args.max_new_tokens, args.seeds[0], args.batch_size,
+                                              args.no_repeat_ngram_size)))
     finally:
         if started:
             ray.shutdown()
@@ -119,13 +144,26 @@ def evaluate_examples(examples, model_dir: Path, teacher_dir: Path | None, args,
 
 
 def markdown(result: dict) -> str:
+    seeds = result["seeds"]
     lines = ["| metric | value |", "|---|---|",
-             f"| ROUGE-L (mean ± std over seeds {result['seeds']}) | {result['rougeL_mean']:.2f} ± "
-             f"{result['rougeL_std']:.2f} |"]
+             f"| ROUGE-L (mean ± std over seeds {seeds}) | {result['rougeL_mean']:.2f} ± {result['rougeL_std']:.2f} |",
+             f"| exact match, % (mean ± std over seeds) | {result['exact_match_mean']:.1f} ± "
+             f"{result['exact_match_std']:.1f} |"]
+    for fam, s in result["exact_match_family"].items():
+        lines.append(f"| exact match, family {fam} | {s['mean']:.1f} ± {s['std']:.1f} |")
+    if "answer_diversity" in result:
+        lines.append(f"| answer diversity (distinct valid answers per prompt over {len(seeds)} seeds) | "
+                     f"{result['answer_diversity']:.2f} |")
+        lines += [f"| answer diversity, family {f} | {v:.2f} |" for f, v in result["answer_diversity_family"].items()]
+    lines += [f"| answer length, tokens | {result['length_mean']:.1f} |", f"| EOS rate, % | {result['eos_rate_mean']:.1f} |"]
     for k, v in result.items():
-        if k.startswith(("top1", "token_kl", "exacc", "unc")):
+        if k.startswith(("top1", "token_kl", "exacc", "unc", "gold_ce")):
             lines.append(f"| {k} | {v:.4f} |")
-    return f"{result['model']} on {result['data']} ({result['num_examples']} examples)\n\n" + "\n".join(lines) + "\n"
+    samples = ["", "Samples (one answer per seed):", ""]
+    for s in result.get("samples", []):
+        samples.append(f"- prompt: {s['prompt'].splitlines()[-4:-2]!r} -> {s['answers']!r} (refs {s['references']!r})")
+    return (f"{result['model']} on {result['data']} ({result['num_examples']} examples, "
+            f"{result['truncated_prompts']} prompts cut)\n\n" + "\n".join(lines + samples) + "\n")
 
 
 def main(argv=None) -> int:

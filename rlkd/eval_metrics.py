@@ -47,13 +47,32 @@ def exacc_err(kl_on_student: torch.Tensor, mask_student: torch.Tensor, kl_on_tea
               mask_teacher: torch.Tensor, length: int) -> float:
     """ExAccErr(l) in % (OKD eqs. 5-7, `minillm/evaluate_exposure_bias.py`).
 
-    KL(p ‖ q) at each position of student-generated (R) and teacher-generated (ε) responses is
-    averaged over the sequences that reach that position, summed over the first l positions, and
-    ExAccErr = (R(l) − ε_cum(l)) / ε_cum(l) × 100, with ε_cum(l) = l·ε(l).
+    KL(p ‖ q) at each position of student-generated (R) and teacher-generated (ε) responses is summed
+    per sequence over its first l positions (none after its EOS), then averaged over sequences:
+    ExAccErr = (R(l) − ε_cum(l)) / ε_cum(l) × 100, ε_cum(l) = l·ε(l).
     """
     def cumulative(kl, mask):
-        per_pos = (kl * mask).sum(0) / mask.sum(0).clamp(min=1)
-        return float(per_pos[:length].sum())
+        return float((kl * mask)[:, :length].sum(1).mean())
 
     r, e = cumulative(kl_on_student, mask_student), cumulative(kl_on_teacher, mask_teacher)
     return (r - e) / e * 100 if e > 0 else float("nan")
+
+
+def collapse_stats(logp: torch.Tensor, mask: torch.Tensor, all_reduce=lambda t: t) -> dict[str, float]:
+    """Collapse detectors on one batch of next-token distributions (B, R, V), global over ranks.
+
+    context_tv: mean over masked positions of TV(p_t, p̄), p̄ the batch-mean distribution; near 0 when
+    the model's prediction no longer depends on its context. distinct_argmax: how many different
+    tokens are argmax somewhere. entropy: mean next-token entropy (nats). `all_reduce` sums a tensor
+    over ranks (identity on one rank)."""
+    with torch.no_grad():
+        p, m = logp.float().exp(), mask.float()
+        n = all_reduce(m.sum()).clamp(min=1)
+        mean_p = all_reduce((p * m.unsqueeze(-1)).sum((0, 1))) / n
+        tv = 0.5 * (p - mean_p).abs().sum(-1)
+        entropy = -(torch.where(p > 0, p * logp.float(), torch.zeros_like(p))).sum(-1)
+        argmax = logp.argmax(-1)[m.bool()]
+        hits = all_reduce(torch.bincount(argmax, minlength=logp.shape[-1]).float())
+        sums = all_reduce(torch.stack([(tv * m).sum(), (entropy * m).sum()]))
+        return {"context_tv": float(sums[0] / n), "entropy": float(sums[1] / n),
+                "distinct_argmax": float((hits > 0).sum())}

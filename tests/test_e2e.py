@@ -27,8 +27,10 @@ def test_run_directory_is_complete(smoke_run):
         assert (run_dir / name).exists(), name
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     summary = json.loads((run_dir / "eval.json").read_text())
-    assert set(summary["rougeL"]) == {"teacher", "student_before", "student_after"}
+    assert set(summary["rougeL"]) == set(summary["exact_match"]) == {"teacher", "student_before", "student_after"}
     assert all(0 <= v <= 100 for v in summary["rougeL"].values())
+    after = summary["scores"]["student_after"]  # mean ± std over eval.num_seeds, and printed samples
+    assert len(after["per_seed"]) == summary["seeds"] == 3 and after["rougeL_std"] >= 0 and len(after["samples"]) == 3
 
 
 def test_losses_finite_and_phases_timed(smoke_run):
@@ -43,6 +45,10 @@ def test_losses_finite_and_phases_timed(smoke_run):
         for phase in ("rollout", "teacher_gen", "score", "critic", "policy", "sync"):
             assert r[f"timing/{phase}"] > 0
         assert r["throughput/tokens_per_s"] > 0 and r["sync/logprob_gap_on"] < cfg.rollout.sync_check_tol
+        for who in ("student", "teacher"):  # collapse detectors on every student step, both batches
+            for name in ("on", "off"):
+                assert 0 <= r[f"collapse/{who}_context_tv_{name}"] <= 1 and r[f"collapse/{who}_entropy_{name}"] >= 0
+                assert r[f"collapse/{who}_distinct_argmax_{name}"] >= 1
 
 
 def test_student_changed_and_reloads(smoke_run):
