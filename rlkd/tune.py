@@ -40,7 +40,8 @@ class TuneConfig:
     scheduler: str = "asha"
     """'asha' (stops weak trials early at step milestones on `metric`) or 'fifo' (every trial runs to the end)."""
     metric: str = "eval/rougeL"
-    """Validation metric the scheduler and the ranking use; eval/rougeL needs eval.every_steps > 0."""
+    """Validation metric the scheduler and the ranking use; eval/rougeL and eval/exact_match need
+    eval.every_steps > 0."""
     mode: str = "max"
     """'max' or 'min' for `metric`."""
     grace_period: int = 10
@@ -75,8 +76,8 @@ def load_sweep(path: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[
         section, name = key.split(".")
         if raw[section][name]:
             raw[section][name] = str(Path(raw[section][name]).expanduser().resolve())
-    if tc.metric == "eval/rougeL" and not base.eval.every_steps:
-        raise ConfigError("tune.metric='eval/rougeL' needs eval.every_steps > 0 (the metric is reported when "
+    if tc.metric.startswith("eval/") and not base.eval.every_steps:
+        raise ConfigError(f"tune.metric={tc.metric!r} needs eval.every_steps > 0 (the metric is reported when "
                           "the held-out set is scored); set eval.every_steps or choose another tune.metric")
     return raw, tc, build_config(raw)
 
@@ -143,8 +144,10 @@ def make_trainable(base: dict, tc: TuneConfig, sweep_dir: Path) -> Callable:
             if resume is None:
                 shutil.rmtree(run_dir, ignore_errors=True)  # a trial restarted from scratch starts clean
             final = run(cfg, log=print, resume=resume, on_step=report)
-        after = json.loads((final / "eval.json").read_text())["rougeL"].get("student_after")
-        if tc.metric == "eval/rougeL" and after is not None:
+        summary = json.loads((final / "eval.json").read_text())
+        key = {"eval/rougeL": "rougeL", "eval/exact_match": "exact_match"}.get(tc.metric)
+        after = summary.get(key, {}).get("student_after") if key else None
+        if after is not None and summary.get("final_split") == "val":  # never select on a test split
             tune.report({tc.metric: after, "step": cfg.train.steps, "final": 1.0})
     return trainable
 
