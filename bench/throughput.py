@@ -60,6 +60,12 @@ def _median(rows: list[dict], key: str) -> float:
     return statistics.median(vals) if vals else 0.0
 
 
+# The workload bench/results/throughput.md was measured on: the embedded Dolly models, 96-token prompts,
+# 48 new tokens, a random-init student (so every rollout runs to the full length).
+DOLLY = ["data.builtin=dolly", "data.max_prompt_tokens=96", "data.max_response_tokens=48",
+         "model.tiny.student_sft_steps=0"]
+
+
 def measure(method_name: str, cfg_path: str, args, prep, trl_py) -> dict:
     import torch
     from bare_loop import BareLoop
@@ -71,7 +77,7 @@ def measure(method_name: str, cfg_path: str, args, prep, trl_py) -> dict:
     from rlkd.launch import start_groups
     from rlkd.models import load_model
 
-    cfg = load_config(cfg_path, [f"algo.method={method_name}", "algo.ammd.critic_warmup_steps=0", "algo.gkd.lmbda=1.0",
+    cfg = load_config(cfg_path, [*DOLLY, f"algo.method={method_name}", "algo.ammd.critic_warmup_steps=0", "algo.gkd.lmbda=1.0",
                                  "train.steps=100000", "eval.num_examples=0"])
     tok, r = prep.tokenizer, cfg.rollout
     settings = StepSettings(cfg.train.batch_size, cfg.data.max_response_tokens, r.temperature, r.top_p,
@@ -159,7 +165,7 @@ def main() -> int:
     from rlkd.config import load_config
     from rlkd.launch import connect_ray, prepare
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, DOLLY)
     prep = prepare(cfg)
     trl_py = None if args.no_trl else trl_python(Path(args.trl_venv))
     connect_ray(cfg.run.num_cpus)
