@@ -77,7 +77,8 @@ def measure(method_name: str, cfg_path: str, args, prep, trl_py) -> dict:
     from rlkd.launch import start_groups
     from rlkd.models import load_model
 
-    cfg = load_config(cfg_path, [*DOLLY, f"algo.method={method_name}", "algo.ammd.critic_warmup_steps=0", "algo.gkd.lmbda=1.0",
+    cfg = load_config(cfg_path, [*DOLLY, f"algo.method={method_name}", "algo.ammd.critic_warmup_steps=0",
+                                 "algo.gkd.lmbda=1.0",
                                  "train.steps=100000", "eval.num_examples=0"])
     tok, r = prep.tokenizer, cfg.rollout
     settings = StepSettings(cfg.train.batch_size, cfg.data.max_response_tokens, r.temperature, r.top_p,

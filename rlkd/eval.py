@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -155,7 +154,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| answer diversity (distinct valid answers per prompt over {len(seeds)} seeds) | "
                      f"{result['answer_diversity']:.2f} |")
         lines += [f"| answer diversity, family {f} | {v:.2f} |" for f, v in result["answer_diversity_family"].items()]
-    lines += [f"| answer length, tokens | {result['length_mean']:.1f} |", f"| EOS rate, % | {result['eos_rate_mean']:.1f} |"]
+    lines += [f"| answer length, tokens | {result['length_mean']:.1f} |",
+              f"| EOS rate, % | {result['eos_rate_mean']:.1f} |"]
     for k, v in result.items():
         if k.startswith(("top1", "token_kl", "exacc", "unc", "gold_ce")):
             lines.append(f"| {k} | {v:.4f} |")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rlkd import checkpoint
 from rlkd.algorithms import Method, build_method
-from rlkd.config import Config, to_dict
+from rlkd.config import Config, ConfigError, to_dict
 from rlkd.data import PromptSampler, TokenizedExample, tokenize
 from rlkd.evaluation import decode, sample_scores, summarize
 from rlkd.models import (
@@ -76,7 +76,8 @@ def prepare(cfg: Config, log: Callable = print) -> Prepared:
         check_lora_targets(teacher_dir, cfg.algo.okd.lora_targets, cfg.model.trust_remote_code)
     tok = load_tokenizer(student_dir, cfg.model.trust_remote_code)
     train_tok, val_tok = (tokenize(x, tok, d.max_prompt_tokens, d.max_response_tokens) for x in (data.train, data.val))
-    test_tok = val_tok if data.test is data.val else tokenize(data.test, tok, d.max_prompt_tokens, d.max_response_tokens)
+    test_tok = (val_tok if data.test is data.val
+                else tokenize(data.test, tok, d.max_prompt_tokens, d.max_response_tokens))
     cut = sum(r.truncated for r in train_tok + val_tok)
     if cut:
         log(f"data: {cut} prompts longer than data.max_prompt_tokens={d.max_prompt_tokens} were cut in the middle")
@@ -254,7 +255,8 @@ def evaluate(cfg: Config, prep: Prepared, model_dir: Path | None, teacher_actor=
     texts = [decode(tok, r) for r in responses]
     result = summarize([sample_scores(t, r, refs, families, tok.eos_token_id) for t, r in zip(texts, responses)],
                        texts, refs, families)
-    result["samples"] = [f"{_instruction(tok.decode(rows[i].prompt_ids))} -> {texts[0][i]}" for i in range(min(3, len(rows)))]
+    result["samples"] = [f"{_instruction(tok.decode(rows[i].prompt_ids))} -> {texts[0][i]}"
+                         for i in range(min(3, len(rows)))]
     return result
 
 

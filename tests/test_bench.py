@@ -54,6 +54,7 @@ def test_quality_benchmark_smoke(capsys):
         s = r["scores"]
         assert 0 <= s["exact_match_mean"] <= 100 and len(s["per_seed"]) == 3 and len(s["samples"]) == 3
         assert math.isfinite(r["gold_ce"]) and 0 <= r["top1_agreement"] <= 1 and math.isfinite(r["exacc_err_16"])
-    teacher, const = (next(f for f in results["floors"] if f["method"] == m) for m in ("teacher", "floor: constant answer"))
+    teacher, const = (next(f for f in results["floors"] if f["method"] == m)
+                      for m in ("teacher", "floor: constant answer"))
     assert teacher["scores"]["exact_match_mean"] > const["scores"]["exact_match_mean"] + 5
     assert Path(latest).with_suffix(".png").stat().st_size > 10_000

@@ -63,3 +63,19 @@ def test_eval_cli_errors(tiny_models, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("rlkd.eval: error: ")
     assert not (tmp_path / "o").exists()
+
+
+def test_prompt_budget_never_runs_past_the_positions(tiny_models):
+    """rlkd.eval shrinks the prompt budget to the models' positions (128 here); a run config that cannot fit
+    is refused before any actor starts, naming the field."""
+    from rlkd.config import ConfigError, load_config
+    from rlkd.eval import prompt_limit
+    from rlkd.launch import check_positions
+
+    assert prompt_limit(list(tiny_models), 48, 16, log=lambda *a: None) == 48
+    assert prompt_limit(list(tiny_models), 500, 16, log=lambda *a: None) == 128 - 16
+    with pytest.raises(ConfigError, match="--max-new-tokens=128"):
+        prompt_limit(list(tiny_models), 48, 128)
+    cfg = load_config(None, ["data.max_prompt_tokens=120", "data.max_response_tokens=16"])
+    with pytest.raises(ConfigError, match="data.max_prompt_tokens=120 is invalid: .* needs 136 positions"):
+        check_positions(cfg, *tiny_models)

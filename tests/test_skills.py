@@ -49,11 +49,12 @@ def _valid_answers(row: dict) -> set[str]:
         c = re.fullmatch(r"Name a word from the list that starts with the letter (\w)\.", ins).group(1)
         return {x for x in inp if x.startswith(c)}
     if f == "divisible":
-        a, b, k = map(int, re.fullmatch(r"Give a number between (\d+) and (\d+) that is divisible by (\d)\.", ins).groups())
+        pattern = r"Give a number between (\d+) and (\d+) that is divisible by (\d)\."
+        a, b, k = map(int, re.fullmatch(pattern, ins).groups())
         assert 1 <= a <= 60 and 10 <= b - a <= 39 and 2 <= k <= 9 and row["input"] == ""
         return {str(x) for x in range(a, b + 1) if x % k == 0}
     assert f == "pair" and ins == "Write two different words from the list in alphabetical order."
-    return {f"{u} {v}" for u, v in combinations(inp, 2) if u < v} | {f"{v} {u}" for u, v in combinations(inp, 2) if v < u}
+    return {" ".join(sorted(pair)) for pair in combinations(inp, 2)}
 
 
 SIZE_RANGES = {"reverse": (3, 8), "sort": (3, 7), "add": (3, 3), "upper": (2, 6), "count": (1, 9), "initial": (4, 8),
@@ -145,7 +146,8 @@ def test_eval_scores_a_suite_file_with_no_task_code(ray_cluster, tmp_path):
     assert set(result["exact_match_family"]) == set(skills.FAMILIES)
     assert set(result["answer_diversity_family"]) <= skills.OPEN_ENDED and result["answer_diversity"] >= 1
     train = skills.generate(0, {"train": 4000, "val": 256, "test": 512})["train"]
-    common = {f: Counter(r["output"][0] for r in train if r["family"] == f).most_common(1)[0][0] for f in skills.FAMILIES}
+    common = {f: Counter(r["output"][0] for r in train if r["family"] == f).most_common(1)[0][0]
+              for f in skills.FAMILIES}
     rows = [json.loads(x) for x in paths["test"].read_text().splitlines()]
     floor = sum(100.0 * (common[r["family"]] in r["output"]) for r in rows) / len(rows)
     assert result["exact_match_mean"] > floor + 5 and result["eos_rate_mean"] > 90
