@@ -26,7 +26,7 @@ def read_metrics(run_dir: Path, up_to_step: int) -> list[dict]:
 class TrainLoop:
     """Steps `first..cfg.train.steps` of one run.
 
-    evaluate_now() -> {'eval/rougeL', 'eval/seconds'} scores the current student; on_step(metrics,
+    evaluate_now() -> {'eval/rougeL', 'eval/exact_match', 'eval/seconds'} scores the current student; on_step(metrics,
     checkpoint_dir | None) is called after every step. `extra_state` (e.g. baseline scores) is stored
     in each checkpoint so a resumed run can finish its summary; finalize_checkpoint(dir) adds files.
     """
@@ -59,7 +59,8 @@ class TrainLoop:
             for step in range(self.first, total + 1):
                 m = self.controller.step(step)
                 m["train/wall_seconds"] = self.wall0 + time.time() - t0 - paused
-                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < total:
+                # also at the last step: the final evaluation may score another split (the skills test split)
+                if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
                     m.update(self.evaluate_now())
                     paused += m["eval/seconds"]
                 ckpt = None

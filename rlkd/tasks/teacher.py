@@ -24,7 +24,7 @@ SIZES = {"train": 64000, "val": 256, "test": 512}  # the shipped teacher's split
 
 
 def examples(rows: list[dict]) -> list[Example]:
-    return [Example(format_prompt(r["instruction"], r["input"]), r["output"]) for r in rows]
+    return [Example(format_prompt(r["instruction"], r["input"]), r["output"], r["family"]) for r in rows]
 
 
 def suite_tokenizer(rows: list[dict], out_dir: Path):
