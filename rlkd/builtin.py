@@ -60,12 +60,13 @@ def skills_models(cfg: Config, train: list[Example], log: Callable = print) -> t
     root = Path(cfg.model.cache_dir).expanduser() / f"skills-student-{key.hexdigest()[:12]}"
 
     def build(tmp: Path) -> None:
+        from transformers import AutoConfig
+
         from rlkd.data import tokenize
-        from rlkd.models import load_model
         from rlkd.pretrain import sft_train
 
         tok = load_tokenizer(SHIPPED_TEACHER)
-        positions = load_model(SHIPPED_TEACHER).config.max_position_embeddings
+        positions = AutoConfig.from_pretrained(SHIPPED_TEACHER).max_position_embeddings
         model = tiny_llama(tok, t.student_hidden, t.student_layers, t.head_dim, positions, seed=cfg.train.seed + 7)
         n = sum(p.numel() for p in model.parameters())
         log(f"models: student: tiny Llama {t.student_layers}x{t.student_hidden}, {n / 1e6:.2f}M params, "

@@ -39,9 +39,10 @@ def _bad(name: str, value: Any, allowed: str) -> ConfigError:
 @dataclass(frozen=True)
 class TinyModelConfig:
     vocab_size: int = 1024
-    """Byte-level BPE vocabulary size of the embedded tokenizer."""
+    """Byte-level BPE vocabulary size of the embedded Dolly tokenizer (data.builtin='dolly'; the skills suite
+    uses its teacher's word-level tokenizer)."""
     teacher_hidden: int = 192
-    """Hidden width of the embedded teacher (Llama architecture)."""
+    """Hidden width of the embedded Dolly teacher (Llama architecture; the skills teacher ships built)."""
     teacher_layers: int = 3
     """Transformer layers of the embedded teacher."""
     student_hidden: int = 128
@@ -64,9 +65,9 @@ class TinyModelConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     teacher: str | None = None
-    """Local Hugging Face causal-LM directory of the teacher; null builds the embedded tiny teacher."""
+    """Local Hugging Face causal-LM directory of the teacher; null uses the built-in one (see data.builtin)."""
     student: str | None = None
-    """Local Hugging Face causal-LM directory of the student; null builds the embedded tiny student."""
+    """Local Hugging Face causal-LM directory of the student; null builds the embedded tiny student (model.tiny)."""
     cache_dir: str = "~/.cache/rlkd"
     """Where the embedded tokenizer and tiny models are cached between runs."""
     trust_remote_code: bool = False

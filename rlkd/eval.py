@@ -161,7 +161,8 @@ def markdown(result: dict) -> str:
             lines.append(f"| {k} | {v:.4f} |")
     samples = ["", "Samples (one answer per seed):", ""]
     for s in result.get("samples", []):
-        samples.append(f"- prompt: {s['prompt'].splitlines()[-4:-2]!r} -> {s['answers']!r} (refs {s['references']!r})")
+        body = " ".join(s["prompt"].split("### Instruction:", 1)[-1].split("### Response:")[0].split())
+        samples.append(f"- `{body}` -> {s['answers']!r} (references {s['references']!r})")
     return (f"{result['model']} on {result['data']} ({result['num_examples']} examples, "
             f"{result['truncated_prompts']} prompts cut)\n\n" + "\n".join(lines + samples) + "\n")
 

@@ -1,7 +1,8 @@
 """`python -m rlkd.main [--config FILE | --resume RUN_DIR] [section.field=value ...]`: run one distillation job.
 
-Without arguments it runs the embedded default: tiny tokenizer and models built locally, AMMD on
-the shipped Dolly subset, on a local Ray cluster. Under `ray job submit` it joins that cluster.
+Without arguments it runs the embedded default: AMMD on the skills suite (rlkd.tasks.skills) with the
+shipped skills teacher and a tiny student SFT'd locally, on a local Ray cluster. Under `ray job submit`
+it joins that cluster.
 A config with a `tune:` section runs a Ray Tune sweep instead (rlkd.tune); `--resume` continues a
 run from its last checkpoint.
 """

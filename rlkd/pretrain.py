@@ -1,4 +1,4 @@
-"""In-process SFT used only to pre-train the embedded tiny teacher and student (no Ray, no DeepSpeed)."""
+"""In-process SFT that pre-trains the built-in tiny models and the skills teacher (no Ray, no DeepSpeed)."""
 from __future__ import annotations
 
 import math
