@@ -27,10 +27,16 @@ METHODS = ["sft", "fkl", "rkl", "jsd", "tvd", "seqkd", "gkd", "imitkd", "distill
 SIZES = {"S": 128, "XS": 64}
 
 
+def train_steps(method: str, budget: int, warm: int) -> int:
+    """Controller steps that spend `budget` student optimizer steps: MiniLLM's 4 PPO epochs count,
+    AMMD's `warm` critic-only steps do not."""
+    return {"minillm": max(1, budget // 4)}.get(method, budget) + (warm if method == "ammd" else 0)
+
+
 def overrides(method: str, budget: int, smoke: bool) -> list[str]:
     """What every run of the benchmark shares; `budget` student optimizer steps."""
     warm = 2 if smoke else 5
-    steps = {"minillm": max(1, budget // 4)}.get(method, budget) + (warm if method == "ammd" else 0)
+    steps = train_steps(method, budget, warm)
     small = ["model.tiny.student_sft_steps=20", "train.batch_size=8", "eval.num_examples=16"] if smoke else []
     return [f"algo.method={method}", f"train.steps={steps}", f"algo.ammd.critic_warmup_steps={warm}",
             "algo.distillm.init_threshold=0.2", "eval.baselines=false", "train.checkpoint_every=0",

@@ -6,6 +6,7 @@ instruction) by more than 2 std over training seeds.
 """
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -17,6 +18,7 @@ def _instruction(prompt: str) -> str:
 def dolly_section(methods: list[str], seeds: list[int], budget: int, smoke: bool, work: Path, log) -> str:
     if not methods:
         return ""
+    from quality import train_steps
     from rlkd.builtin import load_data
     from rlkd.config import load_config
     from rlkd.evaluation import rouge_l
@@ -37,11 +39,11 @@ def dolly_section(methods: list[str], seeds: list[int], budget: int, smoke: bool
     for method in methods:
         scores = []
         for seed in seeds:
-            steps = {"minillm": max(1, budget // 4)}.get(method, budget) + (5 if method == "ammd" else 0)
+            steps = train_steps(method, budget, warm=5)
             run_dir = run(load_config(None, common + [f"algo.method={method}", f"train.steps={steps}",
                                                       f"train.seed={seed}", f"run.name=dolly-{method}-{seed}"]),
                           log=lambda *a: None)
-            scores.append(__import__("json").loads((run_dir / "eval.json").read_text())["rougeL"]["student_after"])
+            scores.append(json.loads((run_dir / "eval.json").read_text())["rougeL"]["student_after"])
             log(f"dolly {method} seed {seed}: ROUGE-L {scores[-1]:.2f}")
         rows[method] = (statistics.mean(scores), statistics.stdev(scores) if len(scores) > 1 else 0.0)
     bar = max(floors.values())

@@ -4,14 +4,13 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from rlkd.evaluation import mean_std
 from rlkd.tasks.skills import FAMILIES, OPEN_ENDED
 
 
 def _ms(values: list[float]) -> str:
     values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+    return "{:.1f} ± {:.1f}".format(*mean_std(values)) if values else "-"
 
 
 def _split(scores: dict, open_ended: bool) -> float:

@@ -46,9 +46,9 @@ class LearnerGroup:
                  for w, s, t in zip(self.workers, shards, teacher_refs)])
 
     def train(self, objective: Callable, targets: str | tuple[str, ...] = "student",
-              check_sync: bool = False) -> dict[str, float]:
+              check_sync: bool = False, collapse: bool = True) -> dict[str, float]:
         """One step of the target(s) on every rank; returns the global metrics (identical on all ranks)."""
-        return ray.get([w.train.remote(objective, targets, check_sync) for w in self.workers])[0]
+        return ray.get([w.train.remote(objective, targets, check_sync, collapse) for w in self.workers])[0]
 
     def evaluate(self, objective: Callable) -> dict[str, float]:
         """The objective's global metrics on the loaded batch, no update."""

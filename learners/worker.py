@@ -123,12 +123,13 @@ class LearnerWorker:
         return t
 
     def train(self, objective: Callable, targets: str | tuple[str, ...] = "student",
-              check_sync: bool = False) -> dict[str, float]:
+              check_sync: bool = False, collapse: bool = True) -> dict[str, float]:
         """One optimizer step of each target ('student', 'critic', 'teacher') on the stored shard.
 
         The objective returns one loss, or {target: loss} when one forward trains several models.
         Returns its metrics summed over ranks (global values). With `check_sync`, also the mean
-        |rollout log-prob − learner log-prob| of on-policy tokens.
+        |rollout log-prob − learner log-prob| of on-policy tokens. With `collapse` and a student step,
+        also the collapse detectors (context TV, distinct argmax, entropy) of this forward.
         """
         targets = (targets,) if isinstance(targets, str) else tuple(targets)
         engines = {"student": self.student, "critic": self.critic, "teacher": self.adapted}
@@ -147,7 +148,7 @@ class LearnerWorker:
         if check_sync:
             metrics.update(self._sync_gap(fwd))
         out = self._global(metrics)
-        if "student" in targets:
+        if collapse and "student" in targets:
             out.update(self._collapse(fwd))
         return out
 

@@ -188,7 +188,8 @@ class Controller:
             check = False
         if m.critic_objective is None or step > m.critic_warmup_steps:  # warm-up: only the critic trains
             with self.phase("policy"):  # PPO: several epochs on the batch; report the first (pre-update) one
-                epochs = [self.learners.train(m.policy_objective, m.train_targets, check and e == 0)
+                epochs = [self.learners.train(m.policy_objective, m.train_targets, check and e == 0,
+                                              collapse=e == 0)
                           for e in range(m.policy_epochs)]
             metrics.update(epochs[0])
             if len(epochs) > 1:

@@ -25,6 +25,13 @@ def format_prompt(instruction: str, context: str = "") -> str:
     return _HEADER + body + "### Response:\n"
 
 
+def prompt_summary(prompt: str) -> str:
+    """The instruction and input of an Alpaca prompt on one line (for printed samples); also works on a
+    prompt decoded by a word-level tokenizer ('### Instruction :')."""
+    body = prompt.split("Instruction", 1)[-1].rsplit("Response", 1)[0]
+    return " ".join(body.replace("###", " ").split()).strip(" :")
+
+
 @dataclass
 class Example:
     prompt: str

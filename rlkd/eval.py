@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from rlkd.config import ConfigError
-from rlkd.data import DataError, read_examples, tokenize
+from rlkd.data import DataError, prompt_summary, read_examples, tokenize
 from rlkd.evaluation import decode, sample_scores, summarize
 from rlkd.models import check_model_dir, check_same_tokenizer, load_tokenizer
 
@@ -161,8 +161,7 @@ def markdown(result: dict) -> str:
             lines.append(f"| {k} | {v:.4f} |")
     samples = ["", "Samples (one answer per seed):", ""]
     for s in result.get("samples", []):
-        body = " ".join(s["prompt"].split("### Instruction:", 1)[-1].split("### Response:")[0].split())
-        samples.append(f"- `{body}` -> {s['answers']!r} (references {s['references']!r})")
+        samples.append(f"- `{prompt_summary(s['prompt'])}` -> {s['answers']!r} (references {s['references']!r})")
     return (f"{result['model']} on {result['data']} ({result['num_examples']} examples, "
             f"{result['truncated_prompts']} prompts cut)\n\n" + "\n".join(lines + samples) + "\n")
 

@@ -45,15 +45,16 @@ def by_family(values: list[float], families: list[str | None]) -> dict[str, floa
     return {f: sum(vs) / len(vs) for f, vs in sorted(groups.items())}
 
 
+def distinct_valid(samples_per_seed: list[list[str]], references: list[list[str]]) -> list[int]:
+    """Per prompt: how many distinct *valid* answers it got across the eval seeds."""
+    return [len({s[i].strip() for s in samples_per_seed} & {r.strip() for r in refs})
+            for i, refs in enumerate(references)]
+
+
 def answer_diversity(samples_per_seed: list[list[str]], references: list[list[str]]) -> float:
-    """Mean over prompts of the number of distinct *valid* answers given across the eval seeds."""
-    if not references:
-        return 0.0
-    counts = []
-    for i, refs in enumerate(references):
-        valid = {s[i].strip() for s in samples_per_seed} & {r.strip() for r in refs}
-        counts.append(len(valid))
-    return sum(counts) / len(counts)
+    """Mean over prompts of the number of distinct valid answers given across the eval seeds."""
+    counts = distinct_valid(samples_per_seed, references)
+    return sum(counts) / len(counts) if counts else 0.0
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -79,9 +80,7 @@ def summarize(per_seed: list[dict], texts_per_seed: list[list[str]], refs, famil
                                  for f in fams}
     open_rows = [i for i, r in enumerate(refs) if len(r) > 1]
     if open_rows:  # diversity where several answers are valid: overall and per family
-        texts = [[t[i] for i in open_rows] for t in texts_per_seed]
-        sub = [refs[i] for i in open_rows]
-        out["answer_diversity"] = answer_diversity(texts, sub)
-        per_row = [answer_diversity([[t[k]] for t in texts], [sub[k]]) for k in range(len(sub))]
-        out["answer_diversity_family"] = by_family(per_row, [families[i] for i in open_rows])
+        counts = distinct_valid([[t[i] for i in open_rows] for t in texts_per_seed], [refs[i] for i in open_rows])
+        out["answer_diversity"] = sum(counts) / len(counts)
+        out["answer_diversity_family"] = by_family(counts, [families[i] for i in open_rows])
     return out

@@ -15,7 +15,7 @@ from pathlib import Path
 from rlkd import checkpoint
 from rlkd.algorithms import Method, build_method
 from rlkd.config import Config, ConfigError, to_dict
-from rlkd.data import PromptSampler, TokenizedExample, tokenize
+from rlkd.data import PromptSampler, TokenizedExample, prompt_summary, tokenize
 from rlkd.evaluation import decode, sample_scores, summarize
 from rlkd.models import (
     check_lora_targets,
@@ -255,15 +255,9 @@ def evaluate(cfg: Config, prep: Prepared, model_dir: Path | None, teacher_actor=
     texts = [decode(tok, r) for r in responses]
     result = summarize([sample_scores(t, r, refs, families, tok.eos_token_id) for t, r in zip(texts, responses)],
                        texts, refs, families)
-    result["samples"] = [f"{_instruction(tok.decode(rows[i].prompt_ids))} -> {texts[0][i]}"
+    result["samples"] = [f"{prompt_summary(tok.decode(rows[i].prompt_ids))} -> {texts[0][i]}"
                          for i in range(min(3, len(rows)))]
     return result
-
-
-def _instruction(prompt: str) -> str:
-    """The instruction and input of an Alpaca prompt, on one line (for printed samples)."""
-    body = prompt.split("Instruction", 1)[-1].rsplit("Response", 1)[0]
-    return " ".join(body.replace("###", " ").split()).strip(" :")
 
 
 def check_positions(cfg: Config, teacher_dir: Path, student_dir: Path) -> None:

@@ -26,8 +26,8 @@ def read_metrics(run_dir: Path, up_to_step: int) -> list[dict]:
 class TrainLoop:
     """Steps `first..cfg.train.steps` of one run.
 
-    evaluate_now() -> {'eval/rougeL', 'eval/exact_match', 'eval/seconds'} scores the current student; on_step(metrics,
-    checkpoint_dir | None) is called after every step. `extra_state` (e.g. baseline scores) is stored
+    evaluate_now() -> {'eval/rougeL', 'eval/exact_match', 'eval/seconds'} scores the current student;
+    on_step(metrics, checkpoint_dir | None) is called after every step. `extra_state` (e.g. baseline scores) is stored
     in each checkpoint so a resumed run can finish its summary; finalize_checkpoint(dir) adds files.
     """
 
