@@ -15,9 +15,11 @@ from rlkd.forward import response_forward, token_logprobs
 
 def sft_train(model, data: list[TokenizedExample], pad_id: int, vocab_size: int, steps: int,
               batch_size: int, lr: float, seed: int, log=print, warmup: int = 0, log_every: int = 0,
-              on_log=None) -> dict:
+              on_log=None, bf16: bool = False) -> dict:
     """AdamW, linear warm-up then cosine decay, on the gold responses; returns the first/last loss
-    and the wall time. Logs every `log_every` steps (default: 5 times), then calls on_log(step)."""
+    and the wall time. Logs every `log_every` steps (default: 5 times), then calls on_log(step).
+    `bf16` runs the forward under CPU bf16 autocast (fp32 master weights): ~1.4x faster per step
+    on CPUs with AVX512-BF16 (measured on this machine's EPYC)."""
     if steps == 0:
         return {"steps": 0}
     rng = random.Random(seed)
@@ -34,8 +36,9 @@ def sft_train(model, data: list[TokenizedExample], pad_id: int, vocab_size: int,
     for step in range(steps):
         rows = rng.sample(data, min(batch_size, len(data)))
         batch = SequenceBatch.collate([r.prompt_ids for r in rows], [r.response_ids for r in rows], pad_id)
-        logits, _ = response_forward(model, batch, vocab_size)
-        loss = losses.sft(token_logprobs(logits, batch.responses), batch.response_mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, _ = response_forward(model, batch, vocab_size)
+        loss = losses.sft(token_logprobs(logits.float(), batch.responses), batch.response_mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -50,22 +50,38 @@ def sample_exact_match(model, tok, rows: list[dict], seed: int, no_repeat_ngram_
     return {"overall": statistics.mean(em), **by_family(em, [r["family"] for r in rows])}
 
 
-def build(out: Path, hidden: int, layers: int, head_dim: int, steps: int, batch_size: int, lr: float,
-          train_rows: int, seed: int, eval_every: int, log=print) -> dict:
-    import torch
+def _init_model(init: Path | None, splits: dict, out: Path, hidden: int, layers: int, head_dim: int,
+                seed: int):
+    """A fresh tokenizer and model, or (init) a previous build's, to train for another cycle."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlkd.models import tiny_llama
+
+    if init is None:
+        tok = suite_tokenizer(splits["train"], out)
+        return tok, tiny_llama(tok, hidden, layers, head_dim, MAX_PROMPT + MAX_RESPONSE + 8, seed)
+    tok = AutoTokenizer.from_pretrained(str(init))
+    tok.save_pretrained(str(out))
+    return tok, AutoModelForCausalLM.from_pretrained(str(init))
+
+
+def build(out: Path, hidden: int, layers: int, head_dim: int, steps: int, batch_size: int, lr: float,
+          train_rows: int, seed: int, eval_every: int, log=print, init: Path | None = None,
+          bf16: bool = False) -> dict:
+    import torch
+
     from rlkd.pretrain import sft_train
 
     t0 = time.time()
     splits = skills.generate(0, {**SIZES, "train": train_rows})
     out.mkdir(parents=True, exist_ok=True)
-    tok = suite_tokenizer(splits["train"], out)
-    model = tiny_llama(tok, hidden, layers, head_dim, MAX_PROMPT + MAX_RESPONSE + 8, seed)
+    tok, model = _init_model(init, splits, out, hidden, layers, head_dim, seed)
+    c = model.config
+    hidden, layers, head_dim = c.hidden_size, c.num_hidden_layers, c.head_dim
     n_params = sum(p.numel() for p in model.parameters())
     log(f"teacher: Llama {layers}x{hidden} (head_dim {head_dim}), {n_params / 1e6:.2f}M params, vocab {len(tok)}; "
         f"{len(splits['train'])} train rows; {steps} steps of {batch_size}, lr {lr}; torch threads "
-        f"{torch.get_num_threads()}")
+        f"{torch.get_num_threads()}; bf16 autocast {bf16}" + (f"; continues {init}" if init else ""))
     train = tokenize(examples(splits["train"]), tok, MAX_PROMPT, MAX_RESPONSE)
     curve = []
 
@@ -76,7 +92,7 @@ def build(out: Path, hidden: int, layers: int, head_dim: int, steps: int, batch_
                                                                if k != "overall"))
 
     fit = sft_train(model, train, tok.pad_token_id, len(tok), steps, batch_size, lr, seed, log,
-                    warmup=min(200, steps // 10), log_every=eval_every, on_log=on_log)
+                    warmup=min(200, steps // 10), log_every=eval_every, on_log=on_log, bf16=bf16)
     train_seconds = time.time() - t0
     tests = [sample_exact_match(model, tok, splits["test"], seed=s) for s in (10, 20, 30)]
     test = {k: statistics.mean(t[k] for t in tests) for k in tests[0]}
@@ -85,7 +101,9 @@ def build(out: Path, hidden: int, layers: int, head_dim: int, steps: int, batch_
     tok.save_pretrained(str(out))
     summary = {"params": n_params, "shape": {"hidden": hidden, "layers": layers, "head_dim": head_dim},
                "vocab": len(tok), "train_rows": len(splits["train"]), "steps": steps, "batch_size": batch_size,
-               "lr": lr, "seed": seed, "train_seconds": train_seconds, "sft": fit, "val_curve": curve,
+               "lr": lr, "seed": seed, "bf16": bf16, "init": str(init) if init else None,
+               "earlier": json.loads((init / "teacher.json").read_text()) if init else None,
+               "train_seconds": train_seconds, "sft": fit, "val_curve": curve,
                "test_exact_match_mean": test, "test_exact_match_std": test_std, "test_seeds": [10, 20, 30]}
     (out / "teacher.json").write_text(json.dumps(summary, indent=1) + "\n")
     log("test exact match (mean ± std over sampling seeds 10,20,30, T=1): " +
@@ -106,17 +124,26 @@ def main(argv=None) -> int:
     ap.add_argument("--train-rows", type=int, default=64000, help="train split size (8000 per family)")
     ap.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     ap.add_argument("--eval-every", type=int, default=500, help="validation exact match every N steps")
+    ap.add_argument("--init", type=Path, help="continue a previous build (its weights and tokenizer) for "
+                    "another warm-up + cosine cycle; its build.log is kept at the top of the new one")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 weights); faster on AVX512-BF16")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = (args.init / "build.log").read_text() if args.init else ""
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     with (out / "build.log").open("w") as fh:
+        fh.write(earlier)
         def log(msg):
             print(msg, flush=True)
             fh.write(msg + "\n")
             fh.flush()
         log("$ python -m rlkd.tasks.teacher " + " ".join(argv if argv is not None else __import__("sys").argv[1:]))
         build(out, args.hidden, args.layers, args.head_dim, args.steps, args.batch_size, args.lr,
-              args.train_rows, args.seed, args.eval_every, log)
+              args.train_rows, args.seed, args.eval_every, log, args.init, args.bf16)
     return 0
 
 
