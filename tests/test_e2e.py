@@ -40,8 +40,12 @@ def test_losses_finite_and_phases_timed(smoke_run):
     warmup = cfg.algo.ammd.critic_warmup_steps
     assert all("loss/policy" not in r for r in rows[:warmup])  # critic warm-up: student frozen
     for r in rows[warmup:]:
-        for k in ("loss/critic", "loss/policy", "loss/pg", "ammd/d_on", "ammd/d_off"):
+        for k in ("loss/critic", "loss/policy", "loss/pg", "ammd/d_on", "ammd/d_off", "ammd/tv_on", "ammd/critic_l2",
+                  "ammd/critic_saturated_on"):
             assert math.isfinite(r[k]), (k, r)
+        assert r["ammd/d_on"] <= 2 * r["ammd/tv_on"] + 1e-6  # |f| <= 1
+        for k in ("critic_keeps_up", "critic_unsaturated", "student_keeps_context"):
+            assert r[f"invariant/{k}"] in (0.0, 1.0)
         for phase in ("rollout", "teacher_gen", "score", "critic", "policy", "sync"):
             assert r[f"timing/{phase}"] > 0
         assert r["throughput/tokens_per_s"] > 0 and r["sync/logprob_gap_on"] < cfg.rollout.sync_check_tol

@@ -1,4 +1,5 @@
 """Every loss against a brute-force loop over a tiny vocabulary: values and gradients."""
+import dataclasses
 import math
 
 import pytest
@@ -261,6 +262,43 @@ def test_ammd_objectives_against_hand_formula():
     for x in (s_on, s_off):
         assert torch.allclose(torch.autograd.grad(policy, x, retain_graph=True)[0],
                               torch.autograd.grad(ref, x, retain_graph=True)[0])
+
+
+def test_ammd_critic_l2_optimum_is_the_scaled_gap():
+    """With the output penalty, the critic loss is stationary exactly at f = (p* − q)/(2·l2) (here l2 = 2)."""
+    on, _ = _fwd(3, True)
+    on = dataclasses.replace(on, logp=on.logp.detach())
+    ctx = ObjectiveContext({"on": on.mask.sum().item()})
+    gap = (on.teacher.logp.exp() - on.logp.exp()) / 4.0
+
+    def grad_at(f0):
+        u = torch.atanh(f0).requires_grad_()
+        loss, m = ammd_critic_objective({"on": dataclasses.replace(on, critic=torch.tanh(u))}, ctx, beta=0.0, l2=2.0)
+        assert m["ammd/critic_l2"].item() > 0
+        return torch.autograd.grad(loss, u)[0][on.mask.bool()]
+
+    assert grad_at(gap).abs().max() < 1e-7  # the penalty runs in fp32
+    assert grad_at(2 * gap).abs().max() > 1e-4
+    plain, _ = ammd_critic_objective({"on": on}, ctx, beta=0.0)
+    assert torch.allclose(ammd_critic_objective({"on": on}, ctx, beta=0.0, l2=0.0)[0], plain)
+
+
+def test_ammd_policy_reports_tv_saturation_and_anchor():
+    on, _ = _fwd(4, True)
+    off, _ = _fwd(5, False)
+    ctx = ObjectiveContext({"on": on.mask.sum().item(), "off": off.mask.sum().item()})
+    batches = {"on": on, "off": off}
+    plain, m = ammd_policy_objective(batches, ctx, beta=0.5, pg_coef=1.0, whiten_returns=False)
+    anchored, m2 = ammd_policy_objective(batches, ctx, beta=0.5, pg_coef=1.0, whiten_returns=False, anchor=0.3)
+    kl = (off.teacher.logp.exp() * (off.teacher.logp - off.logp)).sum(-1)
+    kl = (kl * off.mask).sum() / off.mask.sum()
+    assert torch.allclose(anchored, plain + 0.3 * kl)
+    tv = 0.5 * (on.teacher.logp.exp() - on.logp.exp()).abs().sum(-1)
+    assert m["ammd/tv_on"].item() == pytest.approx(((tv * on.mask).sum() / on.mask.sum()).item())
+    assert m["ammd/d_on"].item() <= 2 * m["ammd/tv_on"].item() + 1e-9  # |f| <= 1
+    sat = (on.critic.abs() >= 0.99).double().mean(-1)
+    assert m["ammd/critic_saturated_on"].item() == pytest.approx(((sat * on.mask).sum() / on.mask.sum()).item())
+    assert "loss/anchor_fkl" in m2 and "loss/anchor_fkl" not in m
 
 
 def _method(*overrides):

@@ -76,3 +76,24 @@ def test_progress_bar_in_a_terminal(capsys):
     p.close()
     err = capsys.readouterr().err
     assert "3/3" in err and "tok/s=1000" in err and "policy=" in err
+
+
+def test_invariant_watch_warns_once_per_streak_and_names_the_fields():
+    from rlkd.invariants import InvariantWatch
+
+    lines = []
+    watch = InvariantWatch(lines.append, patience=3)
+    good = {"ammd/d_on": 0.3, "ammd/critic_saturated_on": 0.1, "collapse/student_context_tv_on": 0.4,
+            "collapse/teacher_context_tv_on": 0.5}
+    bad = {**good, "ammd/d_on": -0.2, "collapse/student_context_tv_on": 0.01}
+    assert watch.update(1, good) == {"invariant/critic_keeps_up": 1.0, "invariant/critic_unsaturated": 1.0,
+                                     "invariant/student_keeps_context": 1.0}
+    for step in range(2, 8):
+        out = watch.update(step, bad)
+    assert out["invariant/critic_keeps_up"] == 0.0 and out["invariant/student_keeps_context"] == 0.0
+    assert len(lines) == 2 and all("step 4" in x for x in lines)  # once, after 3 broken steps in a row
+    assert "learner.critic_lr" in lines[0] and "algo.ammd.critic_input" in lines[1]
+    watch.update(8, good)
+    watch.update(9, bad), watch.update(10, bad), watch.update(11, bad)
+    assert len(lines) == 4  # a new streak warns again
+    assert watch.update(12, {"loss/sft": 1.0}) == {}  # methods without a critic: nothing to check
