@@ -38,6 +38,8 @@ ABLATIONS = {  # name -> (what changes, overrides)
                       "algo.ammd.pg_coef=1.0", "model.tiny.student_sft_steps=0"]),
     "fkl": ("baseline: forward KL, same budget", ["algo.method=fkl"]),
     "tvd": ("baseline: TVD, same budget", ["algo.method=tvd"]),
+    "fkl_equal_wall": ("baseline: forward KL, 500 steps (about AMMD's wall time)",
+                       ["algo.method=fkl", "train.steps=500"]),
 }
 
 
@@ -52,9 +54,12 @@ def run_one(overrides: list[str], out: Path, seed: int) -> dict:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     late = [r for r in rows if any(k.startswith("collapse/student_context_tv_") for k in r)][-10:]
 
-    def late_mean(prefix):
-        vals = [v for r in late for k, v in r.items() if k.startswith(prefix) and not k.endswith("_off")]
-        return statistics.mean(vals) if vals else None
+    def late_mean(prefix):  # the on-policy batch's value; the off-policy one when there is no on-policy batch
+        for keep in (lambda k: not k.endswith("_off"), lambda k: k.endswith("_off")):
+            vals = [v for r in late for k, v in r.items() if k.startswith(prefix) and keep(k)]
+            if vals:
+                return statistics.mean(vals)
+        return None
 
     broken = {k.split("/")[1]: sum(r[k] == 0.0 for r in rows if k in r)
               for k in sorted({k for r in rows for k in r if k.startswith("invariant/")})}
@@ -72,16 +77,30 @@ def fmt(x, digits=2):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-def report(results: dict, extra: list[str], seeds: int) -> str:
+def constant_answer_floor(extra: list[str]) -> float:
+    """Exact match of the most frequent training answer per family on the default job's test prompts."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from quality import constant_floor
+
+    from rlkd.builtin import load_data
+    from rlkd.config import load_config
+
+    cfg = load_config(None, extra)
+    data = load_data(cfg, log=lambda *_: None)
+    return constant_floor(data.train, data.test[:cfg.eval.num_examples])[0]["exact_match_mean"]
+
+
+def report(results: dict, extra: list[str], seeds: int, constant: float) -> str:
+    results = dict(sorted(results.items(), key=lambda kv: list(ABLATIONS).index(kv[0])))
     first = next(iter(results.values()))[0]
     lines = ["# AMMD ablations on the skills suite\n",
              f"`python bench/ammd_ablations.py --seeds {seeds}{' -- ' + ' '.join(extra) if extra else ''}`: "
              "the default job (`python -m rlkd.main`) with one change per row. Exact match on the test prompts "
              "(T = 1), mean ± std over " + ("training seeds" if seeds > 1 else "3 sampling seeds of one run") +
-             ". TV, context TV and distinct argmax: mean over the last 10 steps' rollouts (teacher context TV "
-             "for scale). Broken: steps on which each invariant failed.\n",
+             ". TV, context TV and distinct argmax: mean over the last 10 steps' rollouts (β = 1: the teacher-sampled "
+             "batch; teacher context TV for scale). Broken: steps on which each invariant failed.\n",
              f"Floors: teacher {first['teacher']:.1f}, student before {first['before']:.1f} (the SFT'd default "
-             "student; the random-init rows start lower).\n",
+             f"student; the random-init rows start lower), constant answer per family {constant:.1f}.\n",
              "| run | change | EM after | EM before | TV(p*,q) | context TV (teacher) | distinct argmax | broken "
              "| wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -103,10 +122,11 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated subset of " + ",".join(ABLATIONS))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ammd_ablations"))
+    ap.add_argument("--merge", action="store_true", help="re-run the --only rows and keep the others from --out")
     ap.add_argument("extra", nargs="*", help="overrides applied to every row")
     args = ap.parse_args()
     names = args.only.split(",") if args.only else list(ABLATIONS)
-    results = {}
+    results = json.loads(Path(args.out + ".json").read_text())["results"] if args.merge else {}
     with tempfile.TemporaryDirectory(prefix="rlkd-ablations-") as tmp:
         for name in names:
             results[name] = [run_one([*args.extra, *ABLATIONS[name][1]], Path(tmp) / f"{name}-{seed}", seed)
@@ -114,9 +134,10 @@ def main() -> int:
             r = results[name][0]
             print(f"{name}: EM {r['after']:.1f} (before {r['before']:.1f}) tv {fmt(r['tv'])} "
                   f"context {fmt(r['context_tv'])} ({r['wall_seconds']:.0f}s)", flush=True)
-    Path(args.out + ".json").write_text(json.dumps({"extra": args.extra, "seeds": args.seeds, "results": results},
-                                                   indent=1) + "\n")
-    Path(args.out + ".md").write_text(report(results, args.extra, args.seeds))
+            # after every row, so an interrupted sweep keeps its rows (continue it with --merge --only ...)
+            Path(args.out + ".json").write_text(json.dumps({"extra": args.extra, "seeds": args.seeds,
+                                                            "results": results}, indent=1) + "\n")
+    Path(args.out + ".md").write_text(report(results, args.extra, args.seeds, constant_answer_floor(args.extra)))
     print(Path(args.out + ".md").read_text())
     return 0
 

@@ -114,23 +114,28 @@ def run_one(method: str, size: str, lr: float, seed: int, budget: int, smoke: bo
     return result
 
 
-def floors(prep_by_size: dict, cfg, work: Path) -> list[dict]:
-    """Teacher, the students before distillation, and the constant answer per family."""
+def constant_floor(train, rows) -> tuple[dict, dict]:
+    """Scores of answering each test row with its family's most frequent training answer, and those answers."""
     from collections import Counter
 
     from rlkd.evaluation import sample_scores, summarize
-    from rlkd.launch import evaluate
     from rlkd.tasks import skills
 
-    prep = prep_by_size["S"]
-    rows = prep.test[:cfg.eval.num_examples]
-    common = {f: Counter(r.references[0] for r in prep.train if r.family == f).most_common(1)[0][0]
+    common = {f: Counter(r.references[0] for r in train if r.family == f).most_common(1)[0][0]
               for f in skills.FAMILIES}
     texts = [common[r.family] for r in rows]
-    const = summarize([sample_scores(texts, [[0]] * len(rows), [r.references for r in rows],
-                                     [r.family for r in rows], -1)], [texts], [r.references for r in rows],
-                      [r.family for r in rows])
+    refs, fams = [r.references for r in rows], [r.family for r in rows]
+    const = summarize([sample_scores(texts, [[0]] * len(rows), refs, fams, -1)], [texts], refs, fams)
     const["samples"] = [f"-> {t}" for t in texts[:3]]
+    return const, common
+
+
+def floors(prep_by_size: dict, cfg, work: Path) -> list[dict]:
+    """Teacher, the students before distillation, and the constant answer per family."""
+    from rlkd.launch import evaluate
+
+    prep = prep_by_size["S"]
+    const, common = constant_floor(prep.train, prep.test[:cfg.eval.num_examples])
     out = [{"method": "floor: constant answer", "student": "-", "scores": const, "answers": common},
            {"method": "teacher", "student": "-", "scores": evaluate(cfg, prep, prep.teacher_dir),
             **forced_metrics(prep.teacher_dir, prep.teacher_dir, prep, cfg, cfg.eval.seed)}]

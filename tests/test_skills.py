@@ -152,3 +152,21 @@ def test_eval_scores_a_suite_file_with_no_task_code(ray_cluster, tmp_path):
     floor = sum(100.0 * (common[r["family"]] in r["output"]) for r in rows) / len(rows)
     assert result["exact_match_mean"] > floor + 5 and result["eos_rate_mean"] > 90
     assert "family reverse" in (tmp_path / "out" / "eval.md").read_text()
+
+
+def test_teacher_builder_continues_a_build(tmp_path):
+    """`python -m rlkd.tasks.teacher` builds, and `--init` continues that build for another cycle: same
+    tokenizer bytes, both commands and logs in build.log, the earlier scores kept in teacher.json."""
+    from rlkd.tasks.teacher import main
+
+    first, second = tmp_path / "t1", tmp_path / "t2"
+    small = ["--steps", "2", "--eval-every", "2", "--train-rows", "800", "--batch-size", "4"]
+    assert main(["--out", str(first), "--hidden", "32", "--layers", "1", "--head-dim", "16", *small]) == 0
+    assert main(["--out", str(second), "--init", str(first), "--bf16", "--threads", "1", *small]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+    log = (second / "build.log").read_text()
+    assert log.count("$ python -m rlkd.tasks.teacher") == 2 and "continues" in log
+    summary = json.loads((second / "teacher.json").read_text())
+    assert summary["bf16"] and summary["earlier"]["steps"] == 2 and summary["shape"]["hidden"] == 32
+    assert set(summary["test_exact_match_mean"]) == {"overall", *skills.FAMILIES}

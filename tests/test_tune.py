@@ -46,12 +46,23 @@ def check_finished(tmp_path):
     return runs
 
 
+def _reported_a_checkpoint(runs) -> bool:
+    """A trial wrote a checkpoint and went on past it, so Tune has registered that checkpoint (the
+    report follows the checkpoint write; a Ctrl-C in between would leave Tune nothing to restore)."""
+    for ckpt in runs.glob("*/checkpoints/step_*"):
+        metrics = ckpt.parents[1] / "metrics.jsonl"
+        steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+        if steps and max(steps) > int(ckpt.name.split("_")[1]):
+            return True
+    return False
+
+
 def test_interrupted_sweep_is_restored(tmp_path):
     proc = subprocess.Popen(_cmd(tmp_path), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     runs = tmp_path / "smoke_sweep-trials" / "runs"
     deadline = time.time() + 600
-    while time.time() < deadline and not list(runs.glob("*/checkpoints/latest")):
+    while time.time() < deadline and not _reported_a_checkpoint(runs):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(1)
     proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and stops

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -60,9 +61,9 @@ def _init_model(init: Path | None, splits: dict, out: Path, hidden: int, layers:
     if init is None:
         tok = suite_tokenizer(splits["train"], out)
         return tok, tiny_llama(tok, hidden, layers, head_dim, MAX_PROMPT + MAX_RESPONSE + 8, seed)
-    tok = AutoTokenizer.from_pretrained(str(init))
-    tok.save_pretrained(str(out))
-    return tok, AutoModelForCausalLM.from_pretrained(str(init))
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # byte-identical: the same tokenizer
+        shutil.copyfile(init / name, out / name)
+    return AutoTokenizer.from_pretrained(str(init)), AutoModelForCausalLM.from_pretrained(str(init))
 
 
 def build(out: Path, hidden: int, layers: int, head_dim: int, steps: int, batch_size: int, lr: float,
@@ -97,8 +98,7 @@ def build(out: Path, hidden: int, layers: int, head_dim: int, steps: int, batch_
     tests = [sample_exact_match(model, tok, splits["test"], seed=s) for s in (10, 20, 30)]
     test = {k: statistics.mean(t[k] for t in tests) for k in tests[0]}
     test_std = {k: statistics.stdev(t[k] for t in tests) for k in tests[0]}
-    model.save_pretrained(str(out), safe_serialization=True)
-    tok.save_pretrained(str(out))
+    model.save_pretrained(str(out), safe_serialization=True)  # the tokenizer is already in `out`
     summary = {"params": n_params, "shape": {"hidden": hidden, "layers": layers, "head_dim": head_dim},
                "vocab": len(tok), "train_rows": len(splits["train"]), "steps": steps, "batch_size": batch_size,
                "lr": lr, "seed": seed, "bf16": bf16, "init": str(init) if init else None,
