@@ -150,12 +150,8 @@ class LearnerConfig:
     student_lr: float = 1e-3
     """Student (policy) learning rate."""
     critic_lr: float | None = None
-    """Critic (moment estimator) learning rate; null: CRITIC_LR_RATIO x student_lr (a critic that keeps
+    """Critic (moment estimator) learning rate; null: 10 x student_lr (CRITIC_LR_RATIO; a critic that keeps
     up with the student, as in Swamy et al.'s reference code, where it learns 100x faster)."""
-
-    @property
-    def critic_lr_value(self) -> float:
-        return self.critic_lr if self.critic_lr is not None else CRITIC_LR_RATIO * self.student_lr
     weight_decay: float = 0.0
     """AdamW weight decay for the student and critic."""
     grad_clip: float = 1.0
@@ -164,6 +160,10 @@ class LearnerConfig:
     """CPUs reserved by each learner rank."""
     num_gpus: float = 0.0
     """GPUs reserved by each learner rank (1 on GPU clusters: one rank per GPU)."""
+
+    @property
+    def critic_lr_value(self) -> float:
+        return self.critic_lr if self.critic_lr is not None else CRITIC_LR_RATIO * self.student_lr
 
 
 @dataclass(frozen=True)
