@@ -145,6 +145,25 @@ def floors(prep_by_size: dict, cfg, work: Path) -> list[dict]:
     return out
 
 
+def _resume(partial: Path, flags: str, log) -> dict:
+    """The finished sweeps, floors and runs of an interrupted benchmark with the same flags, else nothing."""
+    if partial.exists():
+        done = json.loads(partial.read_text())
+        if done.get("flags") == flags:
+            log(f"resuming from {partial}: {len(done['sweeps'])} sweeps, {len(done['runs'])} runs done")
+            return done
+        log(f"ignoring {partial}: it was written with flags {done.get('flags')!r}, not {flags!r}")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    return {"flags": flags, "sweeps": {}, "floors": None, "runs": []}
+
+
+def _save(partial: Path, done: dict, t0: float) -> None:
+    done["seconds"] = time.time() - t0
+    tmp = partial.with_suffix(".tmp")
+    tmp.write_text(json.dumps(done) + "\n")
+    tmp.replace(partial)  # atomic: a kill mid-write never loses the finished runs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="gkd only, 2 rates, 1 seed, 3 steps, to /tmp (tests)")
@@ -172,20 +191,27 @@ def main(argv=None) -> int:
     cfgs = {s: load_config(None, overrides("sft", budget, a.smoke) + [f"model.tiny.student_hidden={h}"])
             for s, h in SIZES.items()}
     preps = {s: prepare(c, log=lambda *x: None) for s, c in cfgs.items()}  # builds both SFT'd students once
-    results, sweeps = [], {}
+    flags = " --smoke" if a.smoke else f" --seeds {a.seeds} --budget {a.budget} --lrs {a.lrs}"
     partial = Path(f"{out}.partial.json")
-    partial.parent.mkdir(parents=True, exist_ok=True)
+    done = _resume(partial, flags, log)
+    sweeps, results = done["sweeps"], done["runs"]
+    t0 -= done.get("seconds", 0.0)  # the wall time reported includes the interrupted sessions'
     for method in methods:  # each sweep starts and stops its own Ray cluster
-        sweeps[method] = choose_lr(method, lrs, budget, a.smoke, work, log)
+        if method not in sweeps:
+            sweeps[method] = choose_lr(method, lrs, budget, a.smoke, work, log)
+            _save(partial, done, t0)
     started = connect_ray(0, log=lambda *x: None)
     try:
-        base = floors(preps, cfgs["S"], work)
+        base = done.setdefault("floors", None) or floors(preps, cfgs["S"], work)
+        done["floors"] = base
         for method in methods:
             for size in SIZES:
                 for seed in seeds:
+                    if any((r["method"], r["student"], r["seed"]) == (method, size, seed) for r in results):
+                        continue
                     r = run_one(method, size, sweeps[method][0], seed, budget, a.smoke, work, preps[size])
                     results.append(r)
-                    partial.write_text(json.dumps(results) + "\n")  # a crash keeps the finished runs
+                    _save(partial, done, t0)  # an interrupted benchmark resumes from the finished runs
                     log(f"{size} {method} seed {seed}: exact match {r['scores']['exact_match_mean']:.1f} "
                         f"({r['run_seconds']:.0f}s)")
         dolly = dolly_section(a.dolly_methods.split(",") if a.dolly_methods else [], seeds, budget, a.smoke, work,
@@ -193,12 +219,12 @@ def main(argv=None) -> int:
     finally:
         if started:
             ray.shutdown()
-    flags = " --smoke" if a.smoke else f" --seeds {a.seeds} --budget {a.budget} --lrs {a.lrs}"
     head = (f"`python bench/quality.py{flags}`: skills suite, {len(seeds)} training seed(s) per method and student, "
             f"budget {budget} student optimizer steps per run, learning rate per method from the grid {lrs} "
             f"chosen on validation exact match; test split, {cfgs['S'].eval.num_examples} prompts, "
             f"{cfgs['S'].eval.num_seeds} sampling seeds; {(time.time() - t0) / 60:.0f} min in all on this machine")
-    text = report(head, base, results, {m: s[1] for m, s in sweeps.items()}, Path(f"{out}.png")) + dolly
+    results = [r for r in results if r["method"] in methods]
+    text = report(head, base, results, {m: sweeps[m][1] for m in methods}, Path(f"{out}.png")) + dolly
     Path(f"{out}.md").write_text(text)
     Path(f"{out}.json").write_text(json.dumps({"floors": base, "runs": results}, indent=1) + "\n")
     partial.unlink(missing_ok=True)
