@@ -1,19 +1,15 @@
 """Sampling from a model directory inside a Ray task (evaluation)."""
 from __future__ import annotations
 
-import torch
-
 from rlkd.sampling import hf_generate
 
 
 def generate_from_dir(model_dir: str, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
                       seed: int, no_repeat_ngram_size: int = 0, trust_remote_code: bool = False) -> list[list[int]]:
     """Load a model directory and sample from it (evaluation: run as a Ray task, see rlkd.launch)."""
-    import os
+    from rlkd.models import load_model, use_allotted_threads
 
-    from rlkd.models import load_model
-
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    use_allotted_threads()
     model = load_model(model_dir, trust_remote_code).eval()
     responses, _ = hf_generate(model, prompts, pad_id, eos_id, max_new_tokens, seed=seed,
                                no_repeat_ngram_size=no_repeat_ngram_size)

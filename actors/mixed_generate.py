@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from rlkd.batch import SequenceBatch
+from rlkd.batch import SequenceBatch, pick
+from rlkd.sampling import cut_at_eos
 
 
 def _step(model, ids, attn, pos, past, vocab: int, temperature: float):
@@ -41,21 +42,11 @@ def mixed_generate(student, teacher, prompts: list[list[int]], pad_id: int, eos_
         nxt = torch.multinomial(mix.exp(), 1, generator=g).squeeze(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens.append(nxt)
-        s_lp.append(s_raw.gather(-1, nxt[:, None]).squeeze(-1))
-        mix_lp.append(mix.gather(-1, nxt[:, None]).squeeze(-1))
+        s_lp.append(pick(s_raw, nxt))
+        mix_lp.append(pick(mix, nxt))
         done = done | (nxt == eos_id)
         if done.all():
             break
         ids, pos = nxt[:, None], pos[:, -1:] + 1
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], -1)
-    return _cut(torch.stack(tokens, 1), torch.stack(s_lp, 1), torch.stack(mix_lp, 1), eos_id)
-
-
-def _cut(tokens, s_lp, mix_lp, eos_id):
-    responses, student, mixture = [], [], []
-    for row, a, b in zip(tokens.tolist(), s_lp.tolist(), mix_lp.tolist()):
-        n = row.index(eos_id) + 1 if eos_id in row else len(row)
-        responses.append(row[:n])
-        student.append(a[:n])
-        mixture.append(b[:n])
-    return responses, student, mixture
+    return cut_at_eos(torch.stack(tokens, 1), eos_id, torch.stack(s_lp, 1), torch.stack(mix_lp, 1))

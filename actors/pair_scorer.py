@@ -7,20 +7,20 @@ A plain class: rlkd.eval uses it inside a Ray task, whose pooled worker keeps to
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
 from rlkd import eval_metrics as M
-from rlkd.batch import SequenceBatch
+from rlkd.batch import SequenceBatch, pick
+from rlkd.losses import per_token_kl
 
 
 class PairScorer:
     def __init__(self, teacher_dir: str, student_dir: str, vocab_size: int, pad_id: int, eos_id: int,
                  trust_remote_code: bool = False):
-        from rlkd.models import load_model
+        from rlkd.models import load_model, use_allotted_threads
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        use_allotted_threads()
         self.teacher = load_model(teacher_dir, trust_remote_code).eval()
         self.student = load_model(student_dir, trust_remote_code).eval()
         self.vocab_size, self.pad_id, self.eos_id = vocab_size, pad_id, eos_id
@@ -36,8 +36,8 @@ class PairScorer:
             t = torch.log_softmax(response_forward(self.teacher, batch, self.vocab_size)[0], -1)
             s = torch.log_softmax(response_forward(self.student, batch, self.vocab_size)[0], -1)
             parts.append({"hits": M.top1_hits(t, s), "unc": M.unc(t, batch.responses),
-                          "kl": M.per_token_kl(t, s), "mask": batch.response_mask.float(),
-                          "nll": -s.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1)})
+                          "kl": per_token_kl(t, s), "mask": batch.response_mask.float(),
+                          "nll": -pick(s, batch.responses)})
         width = max(p["mask"].shape[1] for p in parts)
         return {k: torch.cat([torch.nn.functional.pad(p[k], (0, width - p[k].shape[1])) for p in parts])
                 for k in parts[0]}

@@ -75,9 +75,9 @@ class RolloutActor:
     def __init__(self, model_dir: str, backend: str, pad_id: int, eos_id: int, seed: int = 0,
                  vllm_memory_fraction: float = 0.5, vllm_cpu_kv_cache_gib: float = 0.25, max_model_len: int = 512,
                  trust_remote_code: bool = False, mix_teacher_dir: str | None = None):
-        import torch
+        from rlkd.models import use_allotted_threads
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        use_allotted_threads()
         if backend == "hf":
             self.engine = _HFEngine(model_dir, pad_id, eos_id, trust_remote_code)
         elif backend == "vllm":

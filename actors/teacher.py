@@ -2,12 +2,11 @@
 consume), and teacher-generated responses for off-policy data."""
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 
-from rlkd.batch import SequenceBatch, TeacherScores
+from rlkd.batch import SequenceBatch, TeacherScores, pick
 
 
 def topk_with_tail(logp: torch.Tensor, k: int) -> TeacherScores:
@@ -20,9 +19,9 @@ def topk_with_tail(logp: torch.Tensor, k: int) -> TeacherScores:
 class TeacherActor:
     def __init__(self, model_dir: str, vocab_size: int, pad_id: int, eos_id: int, topk: int = 0,
                  temperature: float = 1.0, trust_remote_code: bool = False):
-        from rlkd.models import load_model
+        from rlkd.models import load_model, use_allotted_threads
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        use_allotted_threads()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         self.model = load_model(model_dir, trust_remote_code, dtype=dtype).to(self.device).eval()
@@ -40,7 +39,7 @@ class TeacherActor:
 
         logits, hidden = response_forward(self.model, _to(batch, self.device), self.vocab_size, with_hidden)
         logp = torch.log_softmax(logits.float() / self.temperature, -1).cpu()
-        token_logp = logp.gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1)
+        token_logp = pick(logp, batch.responses)
         hidden = hidden.float().cpu() if with_hidden else None
         if self.topk and self.topk < self.vocab_size:
             top = topk_with_tail(logp, self.topk)

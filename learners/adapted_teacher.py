@@ -1,7 +1,7 @@
 """OKD's online module: the frozen teacher with a trainable LoRA on its query and value projections.
 
 h <- h + s·x·W_down·W_up (OKD eq. 15) is PEFT's standard LoRA with lora_alpha = s·r (scale
-lora_alpha / r = s). No dropout and no nonlinearity: eq. 15 and "standard LoRA" (ALGORITHMS.md §5.7).
+lora_alpha / r = s). No dropout and no nonlinearity: eq. 15 and "standard LoRA" (docs/algorithms.md#okd).
 PEFT initialises W_up (lora_B) to zero, so training starts from the unadapted teacher.
 """
 from __future__ import annotations

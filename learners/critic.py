@@ -1,8 +1,9 @@
 """AMMD critics (moment estimators): bounded parametric heads over the vocabulary.
 
-f(s, ·) = c · tanh(head(h(s))) ∈ [−c, c]^|V|, with h(s) the student's last hidden state (detached).
+f(s, ·) = c · tanh(head(h(s))) ∈ [−c, c]^|V|, with h(s) a detached last hidden state: the teacher's
+(`algo.ammd.critic_input: teacher`, the default, shipped with its scores) or the student's own.
 The bound keeps the sup in the moment-matching distance finite; a shared parametric head (not a
-per-state table) is what separates AMMD from plain TVD (ALGORITHMS.md §1.3, §5.1) [R].
+per-state table) is what separates AMMD from plain TVD (docs/algorithms.md#ammd) [R].
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def _head(hidden: int, vocab: int, network: str) -> nn.Module:
     elif network == "mlp":  # the "separate small network" option: one hidden layer of its own
         layer = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, vocab))
     else:
-        raise ValueError(f"algo.critic_network={network!r}: expected 'linear' or 'mlp'")
+        raise ValueError(f"algo.ammd.critic_network={network!r}: expected 'linear' or 'mlp'")
     last = layer if isinstance(layer, nn.Linear) else layer[-1]
     nn.init.normal_(last.weight, std=0.02)
     nn.init.zeros_(last.bias)

@@ -72,13 +72,6 @@ class LearnerGroup:
     def load_checkpoint(self, in_dir: str) -> None:
         ray.get([w.load_checkpoint.remote(in_dir) for w in self.workers])
 
-    def adapted_teacher_state(self) -> dict:
-        return ray.get([w.adapted_teacher_state.remote() for w in self.workers])[0]
-
-    def logprobs(self, batch: SequenceBatch):
-        """Rank 0's answer; every rank runs the forward (ZeRO-3 gathers parameters collectively)."""
-        return ray.get([w.logprobs.remote(batch) for w in self.workers])[0]
-
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from rlkd.batch import SequenceBatch, StudentForward, TeacherScores
-from rlkd.forward import response_forward
+from rlkd.forward import response_forward, token_logprobs
 from rlkd.objectives import ObjectiveContext
 
 
@@ -35,6 +35,7 @@ class LearnerWorker:
         self.batches: dict[str, SequenceBatch] = {}
         self.teacher: dict[str, TeacherScores] = {}
         self.n_tokens: dict[str, float] = {}
+        self._frozen: dict[str, tuple] = {}  # no-grad student forwards, valid until the student steps
 
     def address(self) -> tuple[str, int]:
         import ray
@@ -51,9 +52,9 @@ class LearnerWorker:
 
         from learners.critic import CriticHeads
         from learners.ds_config import deepspeed_config
-        from rlkd.models import load_model
+        from rlkd.models import load_model, use_allotted_threads
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        use_allotted_threads()
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         gpu = torch.cuda.is_available()
@@ -90,7 +91,7 @@ class LearnerWorker:
         log q_old of the response tokens now, before any update (PPO's ratio denominator)."""
         import ray
 
-        self.batches = batches
+        self.batches, self._frozen = batches, {}
         self.teacher = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in teacher.items()}
         self.n_tokens = n_tokens
         self.old_logp = {k: self.logprobs(b) for k, b in batches.items()} if snapshot_old_logp else {}
@@ -99,9 +100,7 @@ class LearnerWorker:
         batch, teacher = self.batches[name], self.teacher.get(name)
         use_critic = self.critic is not None and name in self.critic.module.heads
         student_hidden = use_critic and not self.critic_reads_teacher
-        with torch.set_grad_enabled("student" in targets):
-            logits, hidden = response_forward(self.student, batch, self.vocab_size, with_hidden=student_hidden)
-            logp = torch.log_softmax(logits, -1)
+        logp, hidden = self._student_forward(name, "student" in targets, student_hidden)
         critic = adapted = None
         if use_critic:
             with torch.set_grad_enabled("critic" in targets):
@@ -111,6 +110,19 @@ class LearnerWorker:
                 adapted = torch.log_softmax(response_forward(self.adapted, batch, self.vocab_size)[0], -1)
         return StudentForward(logp, batch.responses, batch.response_mask, teacher, critic, batch.rollout_logprobs,
                               batch.behavior_logprobs, self.old_logp.get(name), adapted)
+
+    def _student_forward(self, name: str, grad: bool, with_hidden: bool):
+        """Student log-probs (and hidden state) on batch `name`. Without a gradient the result is kept
+        until the student steps or a batch is loaded: the K critic updates of a step share one forward."""
+        if not grad and name in self._frozen:
+            return self._frozen[name]
+        self._frozen.pop(name, None)  # a (B, R, V) tensor: never hold two at once
+        with torch.set_grad_enabled(grad):
+            logits, hidden = response_forward(self.student, self.batches[name], self.vocab_size, with_hidden)
+            out = torch.log_softmax(logits, -1), hidden
+        if not grad:
+            self._frozen[name] = out
+        return out
 
     # ---- training ---------------------------------------------------------------------------
 
@@ -145,6 +157,8 @@ class LearnerWorker:
         for t in targets:  # separate graphs (the other model's output is detached in each loss)
             engines[t].backward(per_target[t] * self.world_size)
             engines[t].step()
+        if "student" in targets:
+            self._frozen = {}
         if check_sync:
             metrics.update(self._sync_gap(fwd))
         out = self._global(metrics)
@@ -188,9 +202,8 @@ class LearnerWorker:
 
     @torch.no_grad()
     def logprobs(self, batch: SequenceBatch) -> torch.Tensor:
-        """log q_θ(y_j) of the response tokens under the current student (for probes and tests)."""
-        logits, _ = response_forward(self.student, batch, self.vocab_size)
-        return torch.log_softmax(logits, -1).gather(-1, batch.responses.unsqueeze(-1)).squeeze(-1)
+        """log q_θ(y_j) of the response tokens under the current student (PPO's log q_old snapshot)."""
+        return token_logprobs(response_forward(self.student, batch, self.vocab_size)[0], batch.responses)
 
     # ---- weights ----------------------------------------------------------------------------
 
@@ -259,7 +272,4 @@ class LearnerWorker:
                 raise FileNotFoundError(f"no DeepSpeed checkpoint of the {name} under {in_dir}/deepspeed")
         rng = torch.load(f"{in_dir}/rng/rank{self.rank}.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
-
-    def adapted_teacher_state(self) -> dict[str, torch.Tensor] | None:
-        """OKD: the full (base + LoRA) teacher state on rank 0, for checks; every rank must call."""
-        return self._full_state(self.adapted.module)
+        self._frozen = {}

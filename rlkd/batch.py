@@ -12,6 +12,11 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 
+
+def pick(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """values[..., ids] along the last axis: (B, R, V) values at (B, R) ids -> (B, R)."""
+    return values.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
 @dataclass
 class SequenceBatch:
     input_ids: torch.Tensor  # (B, P+R) long: left-padded prompt ++ right-padded response
@@ -133,4 +138,4 @@ class StudentForward:
 
     @property
     def token_logp(self) -> torch.Tensor:  # (B, R) log q_θ(y_j | s_j)
-        return self.logp.gather(-1, self.targets.unsqueeze(-1)).squeeze(-1)
+        return pick(self.logp, self.targets)

@@ -119,7 +119,7 @@ class Controller:
                                      out.get("behavior_logprobs"))
 
     def _teacher_generated(self, rows: list[TokenizedExample], step: int) -> SequenceBatch:
-        """Teacher responses, sampled once per prompt and cached (ALGORITHMS.md §5.2)."""
+        """Teacher responses, sampled once per prompt and cached (docs/algorithms.md#conventions)."""
         todo = [r for r in rows if r.uid not in self.teacher_cache]
         if todo:  # timed only when the teacher actually samples (cache hits cost nothing)
             with self.phase("teacher_gen"):

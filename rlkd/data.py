@@ -8,7 +8,7 @@ from pathlib import Path
 
 SHIPPED_DOLLY = Path(__file__).parent / "assets" / "dolly_short.jsonl"
 
-# ALGORITHMS.md §4.1 (minillm/tools/process_data_dolly.py)
+# MiniLLM's Dolly prompt (minillm/tools/process_data_dolly.py; docs/algorithms.md#metrics)
 _HEADER = ("Below is an instruction that describes a task. "
            "Write a response that appropriately completes the request.\n\n")
 

@@ -3,8 +3,8 @@
     python -m rlkd.eval --model DIR [--teacher DIR] --data FILE.jsonl [--seeds 10,20,30]
                         [--max-examples N] --out DIR [--backend hf|vllm]
 
-Generation follows ALGORITHMS.md §4.1 (MiniLLM's protocol) and runs in a rollout actor, batched.
-With --teacher, teacher-forced metrics on the first reference (§4.2-4.4). Like rlkd.launch, this is an
+Generation follows MiniLLM's protocol (docs/algorithms.md#metrics) and runs in a rollout actor, batched.
+With --teacher, teacher-forced metrics on the first reference. Like rlkd.launch, this is an
 entry point (composition root), so it may import actors/.
 """
 from __future__ import annotations

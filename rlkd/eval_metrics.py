@@ -1,4 +1,4 @@
-"""Teacher-forced agreement metrics (ALGORITHMS.md §4.2-4.4): pure functions of log-prob tensors.
+"""Teacher-forced agreement metrics (docs/algorithms.md#metrics): pure functions of log-prob tensors.
 
 Shapes: log-probs (B, R, V) over the full vocabulary at each response position, targets and masks
 (B, R). Aggregation over sequences is not stated in OKD [NF]; every mean here is over all masked
@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import torch
 
-
-def per_token_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
-    """KL(p ‖ q) at every position -> (B, R)."""
-    p = teacher_logp.exp()
-    return torch.where(p > 0, p * (teacher_logp - student_logp), torch.zeros_like(p)).sum(-1)
+from rlkd.batch import pick
 
 
 def top1_hits(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
@@ -23,7 +19,7 @@ def top1_hits(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.T
 def unc(teacher_logp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """UNC = 1 − p(gold token) under the teacher (OKD eq. 4; whose logits is unstated, the teacher's
     as in ATKD re-implementations [R]) -> (B, R)."""
-    return 1 - teacher_logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).exp()
+    return 1 - pick(teacher_logp, targets).exp()
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""Scores of generated answers: ROUGE-L as in MiniLLM/DistiLLM (ALGORITHMS.md §4.1: rouge_score rougeL
+"""Scores of generated answers: ROUGE-L as in MiniLLM/DistiLLM (docs/algorithms.md#metrics: rouge_score rougeL
 F-measure, stemmed, max over references, mean x 100), exact match against any reference, per-family
 means, answer diversity, and their mean ± std over sampling seeds."""
 from __future__ import annotations

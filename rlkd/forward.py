@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from rlkd.batch import SequenceBatch
+from rlkd.batch import SequenceBatch, pick
 
 
 def response_forward(model, batch: SequenceBatch, vocab_size: int, with_hidden: bool = False
@@ -23,4 +23,4 @@ def response_forward(model, batch: SequenceBatch, vocab_size: int, with_hidden: 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] -> (B, R)."""
-    return torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return pick(torch.log_softmax(logits.float(), -1), targets)

@@ -22,8 +22,8 @@ def token_mean(per_token: torch.Tensor, mask: torch.Tensor, n_tokens: float | No
     return (per_token * mask).sum() / denom.clamp(min=1)
 
 
-def _p_log_ratio(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
-    """Σ_a p_a (log p_a − log p_b) over the last axis, with 0·log 0 = 0."""
+def per_token_kl(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
+    """KL(a ‖ b) = Σ_x a(x) (log a(x) − log b(x)) over the last axis, with 0·log 0 = 0 -> (B, R)."""
     p = logp_a.exp()
     return torch.where(p > 0, p * (logp_a - logp_b), torch.zeros_like(p)).sum(-1)
 
@@ -58,13 +58,13 @@ def sft(token_logp: torch.Tensor, mask: torch.Tensor, n_tokens: float | None = N
 def forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
                n_tokens: float | None = None) -> torch.Tensor:
     """Token-mean KL(p ‖ q) = Σ_a p(a) (log p(a) − log q(a)); p = teacher, q = student."""
-    return token_mean(_p_log_ratio(teacher_logp, student_logp), mask, n_tokens)
+    return token_mean(per_token_kl(teacher_logp, student_logp), mask, n_tokens)
 
 
 def reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
                n_tokens: float | None = None) -> torch.Tensor:
     """Token-mean KL(q ‖ p) = Σ_a q(a) (log q(a) − log p(a)); gradient flows through both q's."""
-    return token_mean(_p_log_ratio(student_logp, teacher_logp), mask, n_tokens)
+    return token_mean(per_token_kl(student_logp, teacher_logp), mask, n_tokens)
 
 
 def total_variation(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
@@ -91,7 +91,7 @@ def generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask
     if beta == 1:
         return reverse_kl(student_logp, teacher_logp, mask, n_tokens)
     m = _log_mix(teacher_logp, student_logp, beta)
-    per_token = beta * _p_log_ratio(teacher_logp, m) + (1 - beta) * _p_log_ratio(student_logp, m)
+    per_token = beta * per_token_kl(teacher_logp, m) + (1 - beta) * per_token_kl(student_logp, m)
     return token_mean(per_token, mask, n_tokens)
 
 
@@ -103,7 +103,7 @@ def js_distance(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: to
     β = 1 − λ (distillm's λ = 0.9 is GKD's β = 0.1); gradient flows through q inside m too.
     """
     m = _log_mix(teacher_logp, student_logp, 1 - lam)
-    per_token = lam * _p_log_ratio(student_logp, m) + (1 - lam) * _p_log_ratio(teacher_logp, m)
+    per_token = lam * per_token_kl(student_logp, m) + (1 - lam) * per_token_kl(teacher_logp, m)
     return token_mean(per_token, mask, n_tokens)
 
 
@@ -115,29 +115,23 @@ def skew_forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask
     constant Σ p log p, so the gradient is the same and the value is a true divergence (>= 0).
     """
     m = _log_mix(teacher_logp, student_logp, lam)
-    return token_mean(_p_log_ratio(teacher_logp, m), mask, n_tokens)
+    return token_mean(per_token_kl(teacher_logp, m), mask, n_tokens)
 
 
 def skew_reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor,
                     lam: float = 0.1, n_tokens: float | None = None) -> torch.Tensor:
     """DistiLLM skew reverse KL: KL(q ‖ (1−λ)p + λq), token mean (`skewed_reverse_kl`)."""
     m = _log_mix(teacher_logp, student_logp, 1 - lam)
-    return token_mean(_p_log_ratio(student_logp, m), mask, n_tokens)
+    return token_mean(per_token_kl(student_logp, m), mask, n_tokens)
 
 
 def moment_gap(student_logp: torch.Tensor, teacher_logp: torch.Tensor, critic: torch.Tensor) -> torch.Tensor:
     """Per-token action-value moment gap δ_t = Σ_a (p* − q_θ)(a|s_t) · f(s_t, a)  -> (B, R).
 
-    This is the AMMD summand (ALGORITHMS.md §1.3): the teacher's expected critic value minus
+    This is the AMMD summand (docs/algorithms.md#ammd): the teacher's expected critic value minus
     the student's, taken exactly over the given support (full vocabulary or teacher top-k).
     """
     return ((teacher_logp.exp() - student_logp.exp()) * critic).sum(-1)
-
-
-def moment_distance(student_logp: torch.Tensor, teacher_logp: torch.Tensor, critic: torch.Tensor,
-                    mask: torch.Tensor, n_tokens: float | None = None) -> torch.Tensor:
-    """d_MM estimate under a fixed critic: token mean of δ_t."""
-    return token_mean(moment_gap(student_logp, teacher_logp, critic), mask, n_tokens)
 
 
 def policy_gradient(token_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,

@@ -1,6 +1,6 @@
 """Per-method hyperparameters: one frozen section per method under `algo.` (e.g. `algo.gkd.beta`).
 
-Defaults are the published ones (ALGORITHMS.md section in brackets); [R] marks a value the papers
+Defaults are the published ones (their sources are in docs/algorithms.md, by method); [R] marks a value the papers
 left open and rlkd chose. Only the section of `algo.method` is read by a run.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class AMMDConfig:
     beta: float = 0.5
-    """Off-/on-policy mix: loss = beta*off + (1-beta)*on; 0 = on-policy only, 1 = off-policy only [R, §5.3]."""
+    """Off-/on-policy mix: loss = beta*off + (1-beta)*on; 0 = on-policy only, 1 = off-policy only [R]."""
     critic_steps: int = 4
     """Critic (moment estimator) updates per student update (K) [R]."""
     critic_warmup_steps: int = 5
@@ -23,15 +23,15 @@ class AMMDConfig:
     """Hidden state the critic head reads: 'teacher' (shipped by the teacher actor with its scores) or
     'student' (the learner's forward; the student can collapse it to one constant vector) [R]."""
     critic_bound: float = 1.0
-    """Critic output bound c: f = c*tanh(...) keeps the sup finite [R, §5.1]."""
+    """Critic output bound c: f = c*tanh(...) keeps the sup finite [R]."""
     critic_l2: float = 0.1
     """Norm control: penalty critic_l2 * E_t sum_a f(s_t, a)^2 on the critic's outputs; the optimal critic
-    becomes (p* - q)/(2*critic_l2) instead of +-c, so it stays off tanh's flat tails [R, §1.3]."""
+    becomes (p* - q)/(2*critic_l2) instead of +-c, so it stays off tanh's flat tails [R]."""
     anchor_fkl: float = 0.0
     """Optional anchor: weight of forward KL(p* || q) on the off-policy batch in the student loss. Off by
     default; any value > 0 changes the method (a behaviour-cloning term, like pillbox's BC loss)."""
     off_policy: str = "teacher"
-    """Off-policy sequences: 'teacher' (teacher-generated, as in the paper, §5.2) or 'gold' (labelled)."""
+    """Off-policy sequences: 'teacher' (teacher-generated, as in the paper) or 'gold' (labelled)."""
     pg_coef: float = 0.0
     """Weight of the on-policy policy-gradient (long-term) part [R]; 0 by default: on the skills suite the
     whitened REINFORCE term made the student worse (README, AMMD ablations)."""
@@ -60,7 +60,7 @@ class OKDConfig:
 @dataclass(frozen=True)
 class GKDConfig:
     lmbda: float = 0.5
-    """Probability that a step trains on fresh student generations (TRL `lmbda`, §3.8)."""
+    """Probability that a step trains on fresh student generations (TRL `lmbda`)."""
     beta: float = 0.5
     """Generalized JSD(beta), TRL convention: 0 = forward KL(p || q), 1 = reverse KL(q || p)."""
     seq_kd: bool = False
@@ -72,7 +72,7 @@ class GKDConfig:
 @dataclass(frozen=True)
 class MiniLLMConfig:
     gamma: float = 0.95
-    """Discount of the per-token rewards log p - log q in the long-term returns (§3.7)."""
+    """Discount of the per-token rewards log p - log q in the long-term returns."""
     ppo_epochs: int = 4
     """PPO epochs (full-batch student updates) per generated batch."""
     clip: float = 0.2
@@ -93,7 +93,7 @@ class MiniLLMConfig:
 @dataclass(frozen=True)
 class DistiLLMConfig:
     loss: str = "srkl"
-    """'sfkl' = KL(p || lam*p + (1-lam)*q) or 'srkl' = KL(q || (1-lam)*p + lam*q) (§3.6)."""
+    """'sfkl' = KL(p || lam*p + (1-lam)*q) or 'srkl' = KL(q || (1-lam)*p + lam*q)."""
     skew_lambda: float = 0.1
     """Skew lam of both losses (--skew-alpha)."""
     init_threshold: float = 0.0
@@ -110,11 +110,11 @@ class DistiLLMConfig:
 class JSDConfig:
     lam: float = 0.9
     """distillm `js_distance` convention: m = (1-lam)*p + lam*q, loss = lam*KL(q||m) + (1-lam)*KL(p||m).
-    lam = 0.9 equals GKD's beta = 0.1 (§3.4)."""
+    lam = 0.9 equals GKD's beta = 0.1."""
 
 
 @dataclass(frozen=True)
 class ImitKDConfig:
     capacity: int = 1000
     """Replay buffer (sequences): every step adds fresh student generations and trains on a random
-    batch of the buffer, as distillm's `mixed-fkl --mixed-alpha 1.0` runs ImitKD (§3.9)."""
+    batch of the buffer, as distillm's `mixed-fkl --mixed-alpha 1.0` runs ImitKD."""

@@ -35,6 +35,13 @@ def check_model_dir(path: str, name: str) -> Path:
     return p
 
 
+def use_allotted_threads() -> None:
+    """Torch threads = the CPUs Ray gave this actor (it sets OMP_NUM_THREADS from num_cpus), not every core."""
+    import torch
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+
 def quiet_hf() -> None:
     """No per-file progress bars or info chatter from transformers inside actors."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

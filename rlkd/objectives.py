@@ -3,7 +3,7 @@
 `fwd` maps a batch name ('train', 'on', 'off') to the `StudentForward` the learner computed for it.
 Objectives only compose the pure functions of `rlkd.losses` / `rlkd.advantages`. Every number is
 normalised by the *global* response-token count of its batch (ctx.n_tokens): one token mean over
-the batch for every method (ALGORITHMS.md §5.12), and summing over learner ranks gives the global
+the batch for every method (docs/algorithms.md#conventions), and summing over learner ranks gives the global
 value. `loss` may be a dict {target: loss} when one forward pass trains two models (OKD).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from rlkd import losses
 from rlkd.advantages import AllReduce, future_returns, whiten
-from rlkd.batch import StudentForward, TeacherScores
+from rlkd.batch import StudentForward, TeacherScores, pick
 
 Objective = Callable[..., tuple]
 
@@ -54,7 +54,7 @@ def divergence_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext, 
 
 
 # ---------------------------------------------------------------------------------------------
-# OKD (ALGORITHMS.md §2.2, §5.4-5.8): one forward, two losses, two optimizer steps
+# OKD (docs/algorithms.md#okd): one forward, two losses, two optimizer steps
 
 def okd_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext, alpha: float, student_loss: str = "fkl",
                   jsd_beta: float = 0.5):
@@ -64,7 +64,7 @@ def okd_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext, alpha: 
     f, n = fwd["train"], ctx.n_tokens["train"]
     ta, s = f.adapted_logp, f.logp
     kl_t = losses.forward_kl(ta, s.detach(), f.mask, n)  # forward_kl(x, y) = KL(y ‖ x)
-    ce_t = losses.sft(ta.gather(-1, f.targets.unsqueeze(-1)).squeeze(-1), f.mask, n)
+    ce_t = losses.sft(pick(ta, f.targets), f.mask, n)
     teacher = alpha * kl_t + (1 - alpha) * ce_t
     if student_loss == "fkl":
         student = losses.forward_kl(s, ta.detach(), f.mask, n)
@@ -78,7 +78,7 @@ def okd_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext, alpha: 
 
 
 # ---------------------------------------------------------------------------------------------
-# MiniLLM (ALGORITHMS.md §3.7), without the OpenWebText term
+# MiniLLM (docs/algorithms.md#minillm), without the OpenWebText term
 
 def minillm_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext, gamma: float, clip: float,
                       single_step_reg: bool, length_norm: bool, whiten_returns: bool, reward_clip: float):
@@ -102,7 +102,7 @@ def minillm_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext, gam
 
 
 # ---------------------------------------------------------------------------------------------
-# AMMD (ALGORITHMS.md §1.3, all [R]): min_θ max_f  β·d_off(θ, f_off) + (1−β)·d_on(θ, f_on)
+# AMMD (docs/algorithms.md#ammd, all [R]): min_θ max_f  β·d_off(θ, f_off) + (1−β)·d_on(θ, f_on)
 
 def _critic_on_support(critic: torch.Tensor, teacher: TeacherScores) -> torch.Tensor:
     return critic if teacher.index is None else critic.gather(-1, teacher.index)

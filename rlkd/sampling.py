@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from rlkd.batch import SequenceBatch
+from rlkd.batch import SequenceBatch, pick
 
 
 @torch.no_grad()
@@ -32,9 +32,14 @@ def hf_generate(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_n
             output_logits=True, return_dict_in_generate=True)
         new = out.sequences[:, width:].cpu()
         raw = torch.stack(out.logits, 1).float().log_softmax(-1).cpu()  # (B, T, V)
-        chosen = raw.gather(-1, new.unsqueeze(-1)).squeeze(-1)
-        for row, lp in zip(new.tolist(), chosen.tolist()):
-            n = row.index(eos_id) + 1 if eos_id in row else len(row)
-            responses.append(row[:n])
-            logprobs.append(lp[:n])
+        r, lp = cut_at_eos(new, eos_id, pick(raw, new))
+        responses += r
+        logprobs += lp
     return responses, logprobs
+
+
+def cut_at_eos(tokens: torch.Tensor, eos_id: int, *per_token: torch.Tensor) -> tuple[list[list], ...]:
+    """Rows of (B, T) tokens, and of each (B, T) per-token tensor, cut after the first EOS (kept)."""
+    rows = tokens.tolist()
+    keep = [row.index(eos_id) + 1 if eos_id in row else len(row) for row in rows]
+    return tuple([r[:n] for r, n in zip(t, keep)] for t in (rows, *(v.tolist() for v in per_token)))

@@ -90,7 +90,7 @@ class OnPolicyMix(_Stateful):
     """GKD / ImitKD: with probability λ train on fresh student generations, else on `off_source`.
 
     With a replay buffer (ImitKD as distillm runs it) the fresh batch is pushed into the buffer and
-    the step trains on a uniform sample of the buffer instead (ALGORITHMS.md §3.8-3.9).
+    the step trains on a uniform sample of the buffer instead (docs/algorithms.md#gkd, #imitkd).
     """
 
     _state = ("last_on_policy",)
@@ -121,7 +121,7 @@ class OnPolicyMix(_Stateful):
 
 
 class AdaptiveSGO(_Stateful):
-    """DistiLLM's adaptive off-policy student-generated outputs (`--type adaptive-*`, §3.6).
+    """DistiLLM's adaptive off-policy student-generated outputs (`--type adaptive-*`, docs/algorithms.md#distillm).
 
     Each step draws r ~ U(0,1). With threshold th and the decreasing ratio s = th·(1 − step/total):
     r < s, or r < th with the buffer not yet full -> fresh student batch (pushed to the buffer);

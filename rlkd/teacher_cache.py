@@ -2,7 +2,7 @@
 
 Sampling the teacher is the expensive part of those methods, and the samples depend only on the
 teacher, the prompts and the sampling settings, so they are generated once per prompt and reused
-by later runs (ALGORITHMS.md §5.2: "pre-generate them once, as SeqKD data"). The key hashes every
+by later runs (docs/algorithms.md#conventions). The key hashes every
 input that changes them; a run only ever reads entries written under its own key.
 """
 from __future__ import annotations

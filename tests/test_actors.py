@@ -83,7 +83,7 @@ def test_weight_sync_makes_rollout_match_learner(ray_cluster, rollouts, tiny_mod
         prompts = [d.prompt_ids for d in data[20:26]]
         out = ray_cluster.get(actor.generate.remote(prompts, MAX_NEW, 1.0, 1.0, 11))
         batch = SequenceBatch.collate(prompts, out["responses"], tok.pad_token_id, out["logprobs"])
-        learner = group.logprobs(batch)
+        learner = ray_cluster.get(group.workers[0].logprobs.remote(batch))  # one rank
         mask = batch.response_mask
         gap = ((learner - batch.rollout_logprobs).abs() * mask).sum() / mask.sum()
         before = ((_reference_logprobs(tiny_models[1], batch) - learner).abs() * mask).sum() / mask.sum()

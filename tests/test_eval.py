@@ -9,6 +9,7 @@ import torch
 from rlkd import eval_metrics as M
 from rlkd.data import SHIPPED_DOLLY
 from rlkd.eval import main
+from rlkd.losses import per_token_kl
 
 
 def test_metrics_brute_force():
@@ -20,7 +21,7 @@ def test_metrics_brute_force():
     hits = M.top1_hits(t, s)
     brute = [float(t[b, i].argmax() == s[b, i].argmax()) for b in range(2) for i in range(3) if mask[b, i]]
     assert M.masked_mean(hits, mask) == pytest.approx(sum(brute) / 5)
-    kl = M.per_token_kl(t, s)
+    kl = per_token_kl(t, s)
     assert kl[1, 0] == pytest.approx(sum(t[1, 0, a].exp() * (t[1, 0, a] - s[1, 0, a]) for a in range(4)).item())
     assert M.unc(t, targets)[0, 2] == pytest.approx(1 - t[0, 2, 2].exp().item())
     # ExAccErr: KL summed per sequence over its first l positions (none past its EOS), mean over sequences

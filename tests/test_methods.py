@@ -108,10 +108,13 @@ def test_okd_learner_changes_only_lora_parameters(ray_cluster, tiny_models, tiny
         gold = SequenceBatch.collate([d.prompt_ids for d in data[:8]], [d.response_ids for d in data[:8]],
                                      tok.pad_token_id)
         group.load_batch([{"train": gold}], [{}], {"train": float(gold.num_tokens())})
-        before = group.adapted_teacher_state()
+        def adapted_state():  # the full base + LoRA teacher, read inside the (single) learner rank
+            return ray_cluster.get(group.workers[0].__ray_call__.remote(lambda w: w._full_state(w.adapted.module)))
+
+        before = adapted_state()
         for _ in range(2):  # lora_B starts at 0, so lora_A only moves from the second step on
             metrics = group.train(partial(okd_objective, alpha=0.5), ("student", "teacher"))
-        after = group.adapted_teacher_state()
+        after = adapted_state()
     finally:
         group.shutdown()
     assert math.isfinite(metrics["loss/teacher"]) and math.isfinite(metrics["loss/student"])
