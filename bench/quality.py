@@ -180,7 +180,8 @@ def main(argv=None) -> int:
     from quality_dolly import dolly_section
     from quality_report import report
     from rlkd.config import load_config
-    from rlkd.launch import connect_ray, prepare
+    from rlkd.cluster import connect_ray
+    from rlkd.prepare import prepare
 
     methods = ["gkd"] if a.smoke else a.methods.split(",")
     seeds, budget = ([0], 3) if a.smoke else (list(range(a.seeds)), a.budget)

@@ -22,7 +22,8 @@ def dolly_section(methods: list[str], seeds: list[int], budget: int, smoke: bool
     from rlkd.builtin import load_data
     from rlkd.config import load_config
     from rlkd.evaluation import rouge_l
-    from rlkd.launch import evaluate, prepare, run
+    from rlkd.launch import evaluate, run
+    from rlkd.prepare import prepare
 
     common = ["data.builtin=dolly", "data.max_prompt_tokens=96", "data.max_response_tokens=48", "eval.baselines=false",
               "train.checkpoint_every=0", f"run.output_dir={work}"]

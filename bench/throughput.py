@@ -74,8 +74,8 @@ def measure(method_name: str, cfg_path: str, args, prep, trl_py) -> dict:
 
     from rlkd.algorithms import build_method
     from rlkd.config import load_config
-    from rlkd.controller import Controller, StepSettings
     from rlkd.data import PromptSampler
+    from rlkd.launch import controller as make_controller
     from rlkd.launch import start_groups
     from rlkd.models import load_model
 
@@ -83,12 +83,8 @@ def measure(method_name: str, cfg_path: str, args, prep, trl_py) -> dict:
                                  "algo.gkd.lmbda=1.0",
                                  "train.steps=100000", "eval.num_examples=0"])
     tok, r = prep.tokenizer, cfg.rollout
-    settings = StepSettings(cfg.train.batch_size, cfg.data.max_response_tokens, r.temperature, r.top_p,
-                            r.sync_every, r.sync_check_tol, tok.pad_token_id, cfg.train.seed, prep.vocab_size)
-    method = build_method(cfg.algo, cfg.train.seed)
-    groups = start_groups(cfg, prep, method)
-    controller = Controller(method, settings, PromptSampler(prep.train, cfg.train.seed), groups.learners,
-                            groups.rollouts, groups.teachers, {})  # empty cache: samples like the bare loop
+    groups = start_groups(cfg, prep, build_method(cfg.algo, cfg.train.seed))
+    controller = make_controller(cfg, prep, groups, {})  # empty cache: samples like the bare loop
     torch.set_num_threads(1)
     bare = BareLoop(build_method(cfg.algo, cfg.train.seed), load_model(prep.student_dir), load_model(prep.teacher_dir),
                     tok.pad_token_id, tok.eos_token_id, prep.vocab_size, cfg.learner.student_lr,
@@ -108,10 +104,6 @@ def measure(method_name: str, cfg_path: str, args, prep, trl_py) -> dict:
                   f"bare {_median(runs['bare'], 'timing/step'):.2f}s", flush=True)
     finally:
         groups.shutdown()
-        import ray
-
-        for a in groups.rollouts + groups.teachers:
-            ray.kill(a)
     return summarize(method_name, runs, cfg)
 
 
@@ -167,7 +159,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from rlkd.config import load_config
-    from rlkd.launch import connect_ray, prepare
+    from rlkd.cluster import connect_ray
+    from rlkd.prepare import prepare
 
     cfg = load_config(args.config, DOLLY)
     prep = prepare(cfg)

@@ -102,7 +102,7 @@ def evaluate_examples(examples, model_dir: Path, teacher_dir: Path | None, args,
     import ray
 
     from actors.rollout import RolloutActor
-    from rlkd.launch import connect_ray
+    from rlkd.cluster import connect_ray
 
     vocab = check_same_tokenizer(teacher_dir, model_dir) if teacher_dir else None
     tok = load_tokenizer(model_dir)

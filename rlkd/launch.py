@@ -6,7 +6,6 @@ save the student -> evaluate -> write the completion marker last.
 """
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,149 +13,42 @@ from pathlib import Path
 
 from rlkd import checkpoint
 from rlkd.algorithms import Method, build_method
-from rlkd.config import Config, ConfigError, to_dict
-from rlkd.data import PromptSampler, TokenizedExample, prompt_summary, tokenize
+from rlkd.cluster import ActorGroup, Layout, connect_ray, placement, resources
+from rlkd.config import Config, to_dict
+from rlkd.controller import Controller, StepSettings
+from rlkd.data import PromptSampler, prompt_summary
 from rlkd.evaluation import decode, sample_scores, summarize
-from rlkd.models import (
-    check_lora_targets,
-    check_model_dir,
-    check_same_tokenizer,
-    embedded_models,
-    load_tokenizer,
-)
-from rlkd.outputs import (
-    make_run_dir,
-    mark_completed,
-    write_json,
-    write_yaml,
-)
+from rlkd.outputs import make_run_dir, mark_completed, write_json, write_yaml
+from rlkd.prepare import Prepared, prepare
 from rlkd.teacher_cache import TeacherGenerations
-
-
-@dataclass
-class Prepared:
-    teacher_dir: Path
-    student_dir: Path
-    tokenizer: object
-    vocab_size: int
-    train: list[TokenizedExample]
-    val: list[TokenizedExample]
-    data_report: str
-    embedded: bool
-    test: list[TokenizedExample]  # the final evaluation set (the skills test split; else = val)
-
-
-def prepare(cfg: Config, log: Callable = print) -> Prepared:
-    """Data and models, checked before any actor starts. Raises ConfigError / DataError."""
-    from rlkd.builtin import load_data, skills_models
-    from rlkd.pretrain import sft_train
-
-    data = load_data(cfg, log)
-    d = cfg.data
-    if cfg.model.teacher is None and d.train_file is None and d.builtin == "skills":
-        teacher_dir, student_dir = skills_models(cfg, data.train, log)
-    elif cfg.model.teacher is None:
-        t = cfg.model.tiny
-        tokenized: dict = {}  # the tokenizer is built inside embedded_models; tokenize once for both models
-
-        def sft(model, tok, steps):
-            if "train" not in tokenized:
-                tokenized["train"] = tokenize(data.train, tok, d.max_prompt_tokens, d.max_response_tokens)
-            return sft_train(model, tokenized["train"], tok.pad_token_id, len(tok), steps, t.sft_batch_size,
-                             t.sft_lr, cfg.train.seed, log)
-
-        teacher_dir, student_dir = embedded_models(
-            cfg, data.source, lambda: [e.prompt + e.references[0] for e in data.train], sft, log)
-    else:
-        teacher_dir = check_model_dir(cfg.model.teacher, "config field model.teacher")
-        student_dir = check_model_dir(cfg.model.student, "config field model.student")
-    vocab = check_same_tokenizer(teacher_dir, student_dir, cfg.model.trust_remote_code)
-    check_positions(cfg, teacher_dir, student_dir)
-    if cfg.algo.method == "okd":
-        check_lora_targets(teacher_dir, cfg.algo.okd.lora_targets, cfg.model.trust_remote_code)
-    tok = load_tokenizer(student_dir, cfg.model.trust_remote_code)
-    train_tok, val_tok = (tokenize(x, tok, d.max_prompt_tokens, d.max_response_tokens) for x in (data.train, data.val))
-    test_tok = (val_tok if data.test is data.val
-                else tokenize(data.test, tok, d.max_prompt_tokens, d.max_response_tokens))
-    cut = sum(r.truncated for r in train_tok + val_tok)
-    if cut:
-        log(f"data: {cut} prompts longer than data.max_prompt_tokens={d.max_prompt_tokens} were cut in the middle")
-    return Prepared(teacher_dir, student_dir, tok, vocab, train_tok, val_tok, data.summary, cfg.model.teacher is None,
-                    test_tok)
-
-
-def connect_ray(num_cpus: int = 0, log: Callable = print) -> bool:
-    """Join RAY_ADDRESS / a running cluster, else start a local one with `num_cpus` (0 = all) logical
-    CPUs. Returns True if we started it (the caller then shuts it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        log(f"ray: joined cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}")
-        return False
-    try:
-        ray.init(address="auto")
-        log("ray: joined the running cluster")
-        return False
-    except ConnectionError:
-        pass
-    num_cpus = num_cpus or os.cpu_count()
-    # small CPU boxes: actors reserve ~1 CPU each and mostly wait on one another, so oversubscribe
-    ray.init(num_cpus=max(num_cpus, 4), include_dashboard=False, _node_ip_address="127.0.0.1")
-    log(f"ray: started a local cluster ({max(num_cpus, 4)} logical CPUs)")
-    return True
 
 
 @dataclass
 class Groups:
     learners: object
-    rollouts: list
-    teachers: list
+    rollouts: ActorGroup
+    teachers: ActorGroup
     method: Method
 
     def shutdown(self) -> None:
         """Stop every actor of the run (on a shared cluster they would otherwise outlive it)."""
-        import ray
-
         self.learners.shutdown()
-        for actor in self.rollouts + self.teachers:
-            ray.kill(actor)
-        for actor in self.rollouts + self.teachers:  # wait until dead: a resumed run reuses their names
-            try:
-                ray.get(actor.ready.remote(), timeout=30)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                pass
+        self.rollouts.kill()
+        self.teachers.kill()
 
 
-def bundles(cfg: Config, method: Method) -> list[dict]:
-    """The resources one run reserves, in the order start_groups places its actors:
-    [the driver (a Tune trial), evaluation tasks, learner ranks..., teacher actors..., rollout actors...].
-    Ray Tune trials reserve exactly this (PlacementGroupFactory), so trials never starve one another."""
-    def res(cpus: float, gpus: float) -> dict:
-        return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-
-    out = [{"CPU": 1.0}, {"CPU": 1.0}] + [res(cfg.learner.num_cpus, cfg.learner.num_gpus)] * cfg.learner.num_ranks
-    if _may_need_teacher(method):
-        out += [res(cfg.teacher.num_cpus, cfg.teacher.num_gpus)] * cfg.teacher.num_actors
-    if method.uses_rollouts:
-        out += [res(cfg.rollout.num_cpus, cfg.rollout.num_gpus)] * cfg.rollout.num_actors
-    return out
+def layout(cfg: Config, method: Method) -> Layout:
+    """The bundles one run reserves (rlkd.cluster.Layout): Tune trials reserve them, start_groups fills them."""
+    return Layout.of(learners=(cfg.learner.num_ranks, resources(cfg.learner.num_cpus, cfg.learner.num_gpus)),
+                     teachers=(cfg.teacher.num_actors if _may_need_teacher(method) else 0,
+                               resources(cfg.teacher.num_cpus, cfg.teacher.num_gpus)),
+                     rollouts=(cfg.rollout.num_actors if method.uses_rollouts else 0,
+                               resources(cfg.rollout.num_cpus, cfg.rollout.num_gpus)))
 
 
 def _may_need_teacher(method: Method) -> bool:
     """A teacher actor scores or samples for this method (start_groups may skip it when samples are cached)."""
     return method.needs_teacher_scores or method.uses_teacher_generations
-
-
-def _placement(pg, index: int) -> dict:
-    """Actor options that pin it to bundle `index` of the trial's placement group (none outside Tune)."""
-    if pg is None:
-        return {}
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)}
 
 
 def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_cached: bool = False,
@@ -177,19 +69,19 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_ca
     tok, m = prep.tokenizer, method
     t0 = time.time()
     env = lambda cpus: {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}}  # noqa: E731
-    restarts, ranks = cfg.run.max_actor_restarts, cfg.learner.num_ranks
-    pg = ray.util.get_current_placement_group()  # set inside a Ray Tune trial: the layout of `bundles`
-    first_teacher = 2 + ranks
-    first_rollout = first_teacher + (cfg.teacher.num_actors if _may_need_teacher(m) else 0)
+    restarts = cfg.run.max_actor_restarts
+    pg = ray.util.get_current_placement_group()  # set inside a Ray Tune trial: the bundles of `layout`
+    where = layout(cfg, m)
 
-    def named(role: str, i: int, bundle: int) -> dict:
-        return {**({"name": f"rlkd:{name}:{role}:{i}"} if name else {}), **_placement(pg, bundle)}
+    def named(role: str, i: int) -> dict:
+        bundle = where.first(role) + i if pg is not None else 0
+        return {**({"name": f"rlkd:{name}:{role}:{i}"} if name else {}), **placement(pg, bundle)}
     teachers = []
     # OKD and SFT need none (OKD's teacher lives in the learners); SeqKD none once every prompt is cached
     if m.needs_teacher_scores or (m.uses_teacher_generations and not teacher_samples_cached):
         opts = dict(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus, runtime_env=env(cfg.teacher.num_cpus),
                     max_restarts=restarts, max_task_retries=restarts)
-        teachers = [ray.remote(TeacherActor).options(**opts, **named("teacher", i, first_teacher + i)).remote(
+        teachers = [ray.remote(TeacherActor).options(**opts, **named("teacher", i)).remote(
             str(prep.teacher_dir), prep.vocab_size, tok.pad_token_id, tok.eos_token_id, cfg.teacher.topk,
             cfg.teacher.temperature, cfg.model.trust_remote_code) for i in range(cfg.teacher.num_actors)]
     rollouts = []
@@ -198,7 +90,7 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_ca
         opts = dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, runtime_env=env(r.num_cpus), max_restarts=restarts)
         max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens + 8
         mix_dir = str(prep.teacher_dir) if m.mix_alpha else None
-        rollouts = [ray.remote(RolloutActor).options(**opts, **named("rollout", i, first_rollout + i)).remote(
+        rollouts = [ray.remote(RolloutActor).options(**opts, **named("rollout", i)).remote(
             str(prep.student_dir), r.backend, tok.pad_token_id, tok.eos_token_id, cfg.train.seed + i,
             r.vllm_memory_fraction, r.vllm_cpu_kv_cache_gib, max_len, cfg.model.trust_remote_code, mix_dir)
             for i in range(r.num_actors)]
@@ -213,13 +105,15 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_ca
                             critic_lr=lc.critic_lr_value, weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
                             critic_heads=m.critic_heads, critic_network=a.ammd.critic_network,
                             critic_bound=a.ammd.critic_bound, critic_hidden=_critic_hidden(cfg, prep, m),
-                            adapted_teacher=adapted, seed=cfg.train.seed, placement=(pg, 2) if pg else None,
+                            adapted_teacher=adapted, seed=cfg.train.seed,
+                            placement=(pg, where.first("learner")) if pg else None,
                             trust_remote_code=cfg.model.trust_remote_code)
     ray.get([x.ready.remote() for x in teachers + rollouts])
     log(f"actors: {len(teachers)} teacher, {len(rollouts)} rollout ({cfg.rollout.backend if rollouts else '-'}), "
         f"{lc.num_ranks} learner rank(s) ZeRO-{lc.zero_stage}, student {learners.num_params / 1e6:.2f}M params "
         f"({time.time() - t0:.0f}s)")
-    return Groups(learners, rollouts, teachers, method)
+    return Groups(learners, ActorGroup(rollouts, restarts, weights=learners.student_weights_ref),
+                  ActorGroup(teachers, restarts), method)
 
 
 def _critic_hidden(cfg: Config, prep: Prepared, method: Method) -> int | None:
@@ -260,29 +154,14 @@ def evaluate(cfg: Config, prep: Prepared, model_dir: Path | None, teacher_actor=
     return result
 
 
-def check_positions(cfg: Config, teacher_dir: Path, student_dir: Path) -> None:
-    """Prompt + response must fit every model's positions (else RoPE runs past what was trained)."""
-    from transformers import AutoConfig
-
-    need = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens
-    for name, path in (("teacher", teacher_dir), ("student", student_dir)):
-        have = getattr(AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code),
-                       "max_position_embeddings", need)
-        if need > have:
-            raise ConfigError(f"config field data.max_prompt_tokens={cfg.data.max_prompt_tokens} is invalid: with "
-                              f"data.max_response_tokens={cfg.data.max_response_tokens} it needs {need} positions and "
-                              f"the {name} has {have}; lower either so they sum to <= {have}")
-
-
-def _controller(cfg: Config, prep: Prepared, groups: Groups, cache: TeacherGenerations):
-    from rlkd.controller import Controller, StepSettings
-
+def controller(cfg: Config, prep: Prepared, groups: Groups, teacher_cache: dict) -> Controller:
     tok, r = prep.tokenizer, cfg.rollout
-    settings = StepSettings(cfg.train.batch_size, cfg.data.max_response_tokens, r.temperature, r.top_p,
-                            r.sync_every, r.sync_check_tol, tok.pad_token_id, cfg.train.seed, prep.vocab_size,
-                            cfg.run.max_actor_restarts)
+    settings = StepSettings(batch_size=cfg.train.batch_size, max_new_tokens=cfg.data.max_response_tokens,
+                            temperature=r.temperature, top_p=r.top_p, sync_every=r.sync_every,
+                            sync_check_tol=r.sync_check_tol, pad_id=tok.pad_token_id, seed=cfg.train.seed,
+                            vocab_size=prep.vocab_size)
     return Controller(groups.method, settings, PromptSampler(prep.train, cfg.train.seed), groups.learners,
-                      groups.rollouts, groups.teachers, cache.responses, prep.val)
+                      groups.rollouts, groups.teachers, teacher_cache, prep.val)
 
 
 def _evaluate_now(cfg: Config, prep: Prepared, groups: Groups, run_dir: Path) -> dict:
@@ -319,7 +198,7 @@ def run(cfg: Config, log: Callable = print, resume: Path | None = None, on_step:
         groups = start_groups(cfg, prep, method, cache.covers(prep.train), log, name=run_dir.name)
         state = checkpoint.load_state(ckpt) if ckpt else None
         scores = state["scores"] if state else _baselines(cfg, prep, groups)
-        loop = TrainLoop(cfg, _controller(cfg, prep, groups, cache), groups.learners, cache, run_dir, log,
+        loop = TrainLoop(cfg, controller(cfg, prep, groups, cache.responses), groups.learners, cache, run_dir, log,
                          lambda: _evaluate_now(cfg, prep, groups, run_dir), on_step, {"scores": scores},
                          lambda ckpt: prep.tokenizer.save_pretrained(str(ckpt / "student")))
         if ckpt is not None:
@@ -354,7 +233,7 @@ def _new_run_dir(cfg: Config, prep: Prepared) -> Path:
 def _baselines(cfg: Config, prep: Prepared, groups: Groups) -> dict:
     if not cfg.eval.baselines:
         return {}
-    return {"teacher": evaluate(cfg, prep, prep.teacher_dir, (groups.teachers or [None])[0]),
+    return {"teacher": evaluate(cfg, prep, prep.teacher_dir, (groups.teachers.actors or [None])[0]),
             "student_before": evaluate(cfg, prep, prep.student_dir)}
 
 

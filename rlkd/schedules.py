@@ -1,27 +1,22 @@
 """Data schedules: which sequences a method trains on at each step.
 
-A schedule turns the step's prompts into named batches by calling the controller's sources
-(gold responses, cached teacher generations, fresh student rollouts, teacher-mixed rollouts). Methods
-whose data never changes use `Fixed`; GKD, ImitKD and DistiLLM pick per step, with a seeded RNG so
-a run is reproducible. Pure Python: the controller owns every actor call.
+Each step the controller asks the schedule for a plan, {batch name: source}, produces the planned
+sequences (gold responses, cached teacher generations, fresh student rollouts, teacher-mixed rollouts),
+and hands them back to `settle`, which applies the schedule's replay buffer if it has one. Methods whose
+data never changes use `Fixed`; GKD, ImitKD and DistiLLM pick per step, with a seeded RNG so a run is
+reproducible. Pure Python: the controller owns every actor call, and nothing here calls back into it.
 """
 from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Protocol
-
 from rlkd.batch import SequenceBatch
-from rlkd.data import TokenizedExample, rng_state, set_rng_state
+from rlkd.data import rng_state, set_rng_state
 
-# where a batch's sequences come from
+# where a batch's sequences come from; REPLAY needs no generation (a sample of the schedule's buffer)
 GOLD, TEACHER_GEN, ROLLOUT, MIXED = "gold", "teacher_generated", "rollout", "teacher_mixed_rollout"
-
-
-class Sources(Protocol):
-    pad_id: int
-
-    def get(self, source: str, rows: list[TokenizedExample], step: int) -> SequenceBatch: ...
+REPLAY = "replay"
+Batches = dict[str, SequenceBatch]
 
 
 class ReplayBuffer:
@@ -79,8 +74,11 @@ class Fixed(_Stateful):
         self.sources = sources
         self.uses = frozenset(sources.values())
 
-    def batches(self, step: int, rows: list[TokenizedExample], src: Sources) -> dict[str, SequenceBatch]:
-        return {name: src.get(source, rows, step) for name, source in self.sources.items()}
+    def plan(self, step: int) -> dict[str, str]:
+        return dict(self.sources)
+
+    def settle(self, batches: Batches, n: int, pad_id: int) -> Batches:
+        return batches
 
     def metrics(self) -> dict[str, float]:
         return {}
@@ -102,16 +100,16 @@ class OnPolicyMix(_Stateful):
         self.uses = frozenset(({ROLLOUT} if lmbda > 0 else set()) | ({off_source} if lmbda < 1 else set()))
         self.last_on_policy = 0.0
 
-    def batches(self, step: int, rows: list[TokenizedExample], src: Sources) -> dict[str, SequenceBatch]:
+    def plan(self, step: int) -> dict[str, str]:
         on = self.rng.random() < self.lmbda
         self.last_on_policy = float(on)
-        if not on:
-            return {"train": src.get(self.off_source, rows, step)}
-        fresh = src.get(ROLLOUT, rows, step)
-        if self.buffer is None:
-            return {"train": fresh}
-        self.buffer.add(fresh)
-        return {"train": self.buffer.sample(len(rows), src.pad_id)}
+        return {"train": ROLLOUT if on else self.off_source}
+
+    def settle(self, batches: Batches, n: int, pad_id: int) -> Batches:
+        if self.buffer is None or not self.last_on_policy:
+            return batches
+        self.buffer.add(batches["train"])
+        return {"train": self.buffer.sample(n, pad_id)}
 
     def metrics(self) -> dict[str, float]:
         out = {"data/on_policy": self.last_on_policy}
@@ -139,19 +137,21 @@ class AdaptiveSGO(_Stateful):
         self.uses = frozenset({GOLD, ROLLOUT})
         self.last = "gold"
 
-    def batches(self, step: int, rows: list[TokenizedExample], src: Sources) -> dict[str, SequenceBatch]:
+    def plan(self, step: int) -> dict[str, str]:
         r = self.rng.random()
         s = self.threshold * (1 - step / self.total)
         if r < s or (r < self.threshold and len(self.buffer) < self.buffer.items.maxlen):
-            fresh = src.get(ROLLOUT, rows, step)
-            self.buffer.add(fresh)
             self.last = "fresh"
-            return {"train": fresh}
-        if r < self.threshold:
-            self.last = "replay"
-            return {"train": self.buffer.sample(len(rows), src.pad_id)}
-        self.last = "gold"
-        return {"train": src.get(GOLD, rows, step)}
+        else:
+            self.last = "replay" if r < self.threshold else "gold"
+        return {"train": {"fresh": ROLLOUT, "replay": REPLAY, "gold": GOLD}[self.last]}
+
+    def settle(self, batches: Batches, n: int, pad_id: int) -> Batches:
+        if self.last == "fresh":
+            self.buffer.add(batches["train"])
+        elif self.last == "replay":
+            return {"train": self.buffer.sample(n, pad_id)}
+        return batches
 
     def on_validation(self, loss: float) -> None:
         if self.prev_loss is None:

@@ -3,7 +3,7 @@
     python -m rlkd.main --config configs/sweeps/ammd_dolly.yaml          (also under `ray job submit`)
 
 Every trial runs the full controller (rlkd.launch.run) with the sampled fields set, inside a
-placement group of exactly the bundles that run needs (rlkd.launch.bundles), and reports each
+placement group of exactly the bundles that run needs (rlkd.launch.layout), and reports each
 step's metrics and checkpoints with `tune.report`. At the end rlkd prints a results table and writes
 `best_config.yaml`, a plain config ready for `python -m rlkd.main --config`. Running the same
 command again after an interruption restores the sweep (`Tuner.restore`) and resumes unfinished
@@ -155,9 +155,9 @@ def make_trainable(base: dict, tc: TuneConfig, sweep_dir: Path) -> Callable:
 def trial_bundles(base_cfg: Config) -> list[dict]:
     """What one trial reserves: the bundles of one rlkd run (the driver, evaluation, every actor)."""
     from rlkd.algorithms import build_method
-    from rlkd.launch import bundles
+    from rlkd.launch import layout
 
-    return bundles(base_cfg, build_method(base_cfg.algo, base_cfg.train.seed, base_cfg.train.steps, 1))
+    return layout(base_cfg, build_method(base_cfg.algo, base_cfg.train.seed, base_cfg.train.steps, 1)).bundles
 
 
 def _tuner(trainable, tc: TuneConfig, base_cfg: Config, space: dict, storage: Path):
@@ -190,7 +190,8 @@ def sweep(path: str, overrides: list[str] | tuple[str, ...] = (), log: Callable 
     import ray
     from ray import tune
 
-    from rlkd.launch import connect_ray, prepare
+    from rlkd.cluster import connect_ray
+    from rlkd.prepare import prepare
 
     base, tc, base_cfg = load_sweep(path, overrides)
     prepare(base_cfg, log)  # data and models checked (and the embedded ones built) once, before any trial

@@ -71,7 +71,7 @@ def test_prompt_budget_never_runs_past_the_positions(tiny_models):
     is refused before any actor starts, naming the field."""
     from rlkd.config import ConfigError, load_config
     from rlkd.eval import prompt_limit
-    from rlkd.launch import check_positions
+    from rlkd.prepare import check_positions
 
     assert prompt_limit(list(tiny_models), 48, 16, log=lambda *a: None) == 48
     assert prompt_limit(list(tiny_models), 500, 16, log=lambda *a: None) == 128 - 16

@@ -15,6 +15,7 @@ from rlkd.objectives import (
 )
 from rlkd.schedules import (
     GOLD,
+    REPLAY,
     ROLLOUT,
     TEACHER_GEN,
     AdaptiveSGO,
@@ -133,23 +134,24 @@ def test_divergence_objective_is_the_token_mean_over_the_batch(divergence, kw):
 
 
 # ---------------------------------------------------------------------------------------------
-# schedules (pure Python; a recording source stands in for the controller's actor calls)
+# schedules (pure Python: a recorder stands in for the controller, producing what each plan asks for)
 
 class _Recorder:
-    pad_id = 0
-
     def __init__(self):
         self.calls = []
 
-    def get(self, source, rows, step):
-        self.calls.append(source)
-        return SequenceBatch.collate([[1, 2]] * len(rows), [[step + 3, len(self.calls) + 3]] * len(rows), 0)
+    def step(self, sched, step, n=2):
+        plan = sched.plan(step)
+        self.calls += [s for s in plan.values() if s != REPLAY]  # REPLAY costs no actor call
+        made = {name: SequenceBatch.collate([[1, 2]] * n, [[step + 3, len(self.calls) + 3]] * n, 0)
+                for name, source in plan.items() if source != REPLAY}
+        return sched.settle(made, n, 0)
 
 
 def test_on_policy_mix_fraction_and_off_source():
     src, sched = _Recorder(), OnPolicyMix(0.25, TEACHER_GEN, seed=0)
     for step in range(1, 401):
-        sched.batches(step, [None] * 2, src)
+        src.step(sched, step)
     frac = src.calls.count(ROLLOUT) / len(src.calls)
     assert set(src.calls) == {ROLLOUT, TEACHER_GEN} and 0.18 < frac < 0.32
     assert OnPolicyMix(1.0, GOLD, 0).uses == {ROLLOUT} and OnPolicyMix(0.0, GOLD, 0).uses == {GOLD}
@@ -158,7 +160,7 @@ def test_on_policy_mix_fraction_and_off_source():
 def test_imitkd_trains_on_replay_samples():
     src, sched = _Recorder(), OnPolicyMix(1.0, GOLD, seed=0, capacity=5)
     for step in range(1, 6):
-        out = sched.batches(step, [None] * 2, src)
+        out = src.step(sched, step)
     assert src.calls == [ROLLOUT] * 5 and len(sched.buffer) == 5  # FIFO: capacity 5 sequences
     assert len(out["train"]) == 2 and out["train"].rollout_logprobs is None  # replayed: no fresh log-probs
 
@@ -174,7 +176,7 @@ def test_adaptive_sgo_branches_and_threshold():
     src = _Recorder()
     sched = AdaptiveSGO(init_threshold=0.0, loss_eps=0.1, capacity=4, total_steps=100, seed=0)
     for step in range(1, 11):
-        sched.batches(step, [None] * 2, src)
+        src.step(sched, step)
     assert src.calls == [GOLD] * 10  # threshold 0: always gold
     sched.on_validation(2.0)
     sched.on_validation(2.05)  # rose by less than loss_eps: unchanged
@@ -184,6 +186,6 @@ def test_adaptive_sgo_branches_and_threshold():
     assert sched.threshold == pytest.approx(1.0)
     src.calls.clear()
     for step in range(11, 31):
-        sched.batches(step, [None] * 2, src)
+        src.step(sched, step)
     assert GOLD not in src.calls and src.calls[:2] == [ROLLOUT, ROLLOUT]  # fills the buffer first
     assert len(sched.buffer) == 4 and len(src.calls) < 20  # then also replays (no actor call)

@@ -1,0 +1,144 @@
+"""The Ray side of a run: joining a cluster, the one placement layout, and groups of actors that act as one.
+
+Nothing here names a method or imports actors/ or learners/: the composition root (rlkd.launch) starts
+the actors, and wraps each role's handles in an `ActorGroup` that the controller calls.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ray
+
+
+def connect_ray(num_cpus: int = 0, log: Callable = print) -> bool:
+    """Join RAY_ADDRESS / a running cluster, else start a local one with `num_cpus` (0 = all) logical
+    CPUs. Returns True if we started it (the caller then shuts it down)."""
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        log(f"ray: joined cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}")
+        return False
+    try:
+        ray.init(address="auto")
+        log("ray: joined the running cluster")
+        return False
+    except ConnectionError:
+        pass
+    num_cpus = num_cpus or os.cpu_count()
+    # small CPU boxes: actors reserve ~1 CPU each and mostly wait on one another, so oversubscribe
+    ray.init(num_cpus=max(num_cpus, 4), include_dashboard=False, _node_ip_address="127.0.0.1")
+    log(f"ray: started a local cluster ({max(num_cpus, 4)} logical CPUs)")
+    return True
+
+
+# ---- the placement layout -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    """The bundles one run reserves, in order: the driver, evaluation tasks, the learner ranks, the teacher
+    actors, the rollout actors. Ray Tune trials reserve exactly `bundles` (a PlacementGroupFactory), so
+    trials never starve one another; `first(role)` is where a role's actors go inside such a group."""
+    roles: tuple[tuple[str, dict], ...]  # (role, resources) per bundle
+
+    @classmethod
+    def of(cls, learners: tuple[int, dict], teachers: tuple[int, dict], rollouts: tuple[int, dict]) -> Layout:
+        """Each role as (number of actors, resources of one)."""
+        roles = [("driver", {"CPU": 1.0}), ("eval", {"CPU": 1.0})]
+        for role, (n, res) in (("learner", learners), ("teacher", teachers), ("rollout", rollouts)):
+            roles += [(role, res)] * n
+        return cls(tuple(roles))
+
+    @property
+    def bundles(self) -> list[dict]:
+        return [dict(res) for _, res in self.roles]
+
+    def first(self, role: str) -> int:
+        return next(i for i, (r, _) in enumerate(self.roles) if r == role)
+
+
+def resources(cpus: float, gpus: float) -> dict:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+
+def placement(pg, index: int) -> dict:
+    """Actor options that pin it to bundle `index` of a placement group (none when `pg` is None)."""
+    if pg is None:
+        return {}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)}
+
+
+# ---- actor groups ---------------------------------------------------------------------------
+
+class ActorGroup:
+    """Ray actors of one role that act as one: work is split over them in order and gathered back.
+
+    Ray restarts a dead actor (run.max_actor_restarts); a call that met it waits for the restart and is
+    retried. With `weights` (a callable returning an ObjectRef of the current student), the group keeps
+    its actors at one weights version: a restarted actor, which comes back with its initial weights, is
+    brought up to date before the retry, so no step trains on stale samples.
+    """
+
+    def __init__(self, actors: list, max_retries: int = 3, weights: Callable | None = None):
+        self.actors, self.max_retries, self.weights = list(actors), max_retries, weights
+        self.version = 0  # weights version the actors hold (0 = the model they were started from)
+        self.restarts = 0  # failures recovered from (metric actors/restarts)
+        self.seconds = 0.0  # the slowest actor's own time in the last call (its share of the wall time)
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def split(self, method: str, items: list, seed: int, **kwargs) -> dict[str, list]:
+        """`method(chunk, seed=seed_i, **kwargs)` on each actor with its share of `items`; the outputs'
+        lists are concatenated in the order of `items`."""
+        n = len(self.actors)
+        chunks = [items[i * len(items) // n:(i + 1) * len(items) // n] for i in range(n)]
+        for attempt in range(self.max_retries + 1):
+            calls = [getattr(a, method).remote(c, seed=seed + i * 7919, **kwargs)
+                     for i, (a, c) in enumerate(zip(self.actors, chunks)) if c]
+            try:
+                outs = ray.get(calls)
+            except ray.exceptions.RayActorError as e:
+                if attempt == self.max_retries:
+                    raise
+                self._recover(f"an actor died ({type(e).__name__})")
+                continue
+            if all(o.get("version", self.version) == self.version for o in outs):
+                self.seconds = max(o.get("seconds", 0.0) for o in outs)
+                return {k: [x for o in outs for x in o[k]] for k in outs[0] if k not in ("seconds", "version")}
+            self._recover("a restarted actor generated with its initial weights")
+        raise RuntimeError(f"{method} failed {self.max_retries + 1} times in a row (see the warnings above)")
+
+    def spread(self, method: str, calls: list[tuple]) -> list:
+        """One call per argument tuple, round-robin over the actors; ObjectRefs, once all are ready."""
+        refs = [getattr(self.actors[i % len(self.actors)], method).remote(*args) for i, args in enumerate(calls)]
+        ray.wait(refs, num_returns=len(refs))
+        return refs
+
+    def update_weights(self) -> None:
+        """Load the learners' current student into every actor (a new weights version)."""
+        ref = self.weights()
+        self.version += 1
+        ray.get([a.update_weights.remote(ref, self.version) for a in self.actors])
+
+    def _recover(self, why: str) -> None:
+        """Wait until Ray has restarted the actors (raises once restarts are exhausted), then resync."""
+        self.restarts += 1
+        print(f"rlkd: warning: {why}; waiting for the restart and retrying the call", flush=True)
+        ray.get([a.ready.remote() for a in self.actors])
+        if self.weights is not None:
+            self.update_weights()
+
+    def kill(self) -> None:
+        """Stop every actor and wait until it is dead (a resumed run reuses their names)."""
+        for actor in self.actors:
+            ray.kill(actor)
+        for actor in self.actors:
+            try:
+                ray.get(actor.ready.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass

@@ -1,0 +1,96 @@
+"""The controller's step, phase by phase, with fake groups and no Ray: what runs, and in which order."""
+import pytest
+
+from rlkd.algorithms import build_method
+from rlkd.config import load_config
+from rlkd.controller import Controller, StepSettings
+from rlkd.data import PromptSampler, TokenizedExample
+
+
+class FakeActors:
+    """An ActorGroup stand-in: records each call as (role, method)."""
+
+    def __init__(self, role: str, log: list, n: int = 1):
+        self.role, self.log, self.n, self.restarts, self.seconds = role, log, n, 0, 0.0
+
+    def __len__(self):
+        return self.n
+
+    def split(self, method, items, seed, **kwargs):
+        self.log.append((self.role, method))
+        return {"responses": [[7, 2]] * len(items), "logprobs": [[-1.0, -1.0]] * len(items)}
+
+    def spread(self, method, calls):
+        self.log.append((self.role, method))
+        return [object() for _ in calls]
+
+    def update_weights(self):
+        self.log.append((self.role, "update_weights"))
+
+
+class FakeLearners:
+    size = 1
+
+    def __init__(self, log: list):
+        self.log = log
+
+    def load_batch(self, shards, teacher_refs, n_tokens, snapshot_old_logp=False):
+        self.log.append(("learners", "load " + ",".join(shards[0])))
+
+    def train(self, objective, targets, check_sync=False, collapse=True):
+        self.log.append(("learners", "train " + "+".join((targets,) if isinstance(targets, str) else targets)))
+        return {}
+
+    def evaluate(self, objective):
+        self.log.append(("learners", "evaluate"))
+        return {"loss/sft": 1.0}
+
+
+def _controller(*overrides):
+    cfg = load_config(None, ["rollout.sync_every=1", *overrides])
+    log: list = []
+    rows = [TokenizedExample(i, [5, 6, 3], [8, 2], ["x"]) for i in range(4)]
+    settings = StepSettings(batch_size=2, max_new_tokens=4, temperature=1.0, top_p=1.0, sync_every=1,
+                            sync_check_tol=1.0, pad_id=0, seed=0)
+    method = build_method(cfg.algo, 0, total_steps=10)
+    rollouts = FakeActors("rollout", log, n=int(method.uses_rollouts))  # launch starts none for gold methods
+    ctl = Controller(method, settings, PromptSampler(rows, 0), FakeLearners(log), rollouts,
+                     FakeActors("teacher", log), {}, rows)
+    return ctl, log
+
+
+def test_gold_method_scores_then_trains_the_student():
+    ctl, log = _controller("algo.method=fkl")
+    ctl.step(1)
+    assert log == [("teacher", "score"), ("learners", "load train"), ("learners", "train student")]
+
+
+def test_on_policy_method_generates_first_and_syncs_last():
+    ctl, log = _controller("algo.method=gkd", "algo.gkd.lmbda=1.0")
+    metrics = ctl.step(1)
+    assert log == [("rollout", "generate"), ("teacher", "score"), ("learners", "load train"),
+                   ("learners", "train student"), ("rollout", "update_weights")]
+    assert metrics["tokens/generated"] == 4.0  # 2 prompts x 2 sampled tokens
+
+
+@pytest.mark.parametrize("step", [1, 3])
+def test_ammd_runs_k_critic_updates_before_the_student(step):
+    ctl, log = _controller("algo.method=ammd", "algo.ammd.critic_steps=3", "algo.ammd.critic_warmup_steps=2")
+    ctl.step(step)
+    head = [("teacher", "generate"), ("rollout", "generate"), ("teacher", "score"), ("learners", "load off,on")]
+    critic = [("learners", "train critic")] * 3
+    student = [("learners", "train student"), ("rollout", "update_weights")] if step > 2 else []  # warm-up
+    assert log == head + critic + student
+
+
+def test_teacher_generations_are_sampled_once_per_prompt():
+    ctl, log = _controller("algo.method=seqkd")
+    for step in (1, 2, 3):  # 4 prompts, 2 per step: the third step is a cache hit
+        ctl.step(step)
+    assert log.count(("teacher", "generate")) == 2 and ("teacher", "score") not in log
+
+
+def test_validation_runs_after_the_update():
+    ctl, log = _controller("algo.method=distillm", "algo.distillm.eval_every=1")
+    metrics = ctl.step(1)
+    assert log[-2:] == [("learners", "load train"), ("learners", "evaluate")] and metrics["val/ce"] == 1.0
