@@ -7,10 +7,9 @@ A plain class: rlkd.eval uses it inside a Ray task, whose pooled worker keeps to
 """
 from __future__ import annotations
 
-
 import torch
 
-from rlkd import eval_metrics as M
+from rlkd import metrics as M
 from rlkd.batch import SequenceBatch, pick
 from rlkd.losses import per_token_kl
 

@@ -13,11 +13,11 @@ from contextlib import contextmanager
 
 import torch
 
-from rlkd.sampling import hf_generate
 from learners.critic import CriticHeads
 from rlkd.batch import SequenceBatch, StudentForward, TeacherScores
 from rlkd.forward import response_forward
 from rlkd.objectives import ObjectiveContext
+from rlkd.sampling import hf_generate
 from rlkd.schedules import GOLD, MIXED, ROLLOUT, TEACHER_GEN
 
 

@@ -2,7 +2,7 @@
 
 Each config runs as a user runs it (`python -m rlkd.main --config ...`, its own local Ray cluster),
 one after another, so the wall times compare side by side on the same machine. The loss reported is
-the one the method descends (`rlkd.algorithms.DESCENDED_LOSS`, which tests/test_methods.py checks
+the one the method descends (`rlkd.algorithms.METHODS[name].descended`, which tests/test_methods.py checks
 too), averaged over the first and the last three steps, since every step trains on a different batch.
 For AMMD it is the true β-weighted TV(p*, q) of the step's batches, which the estimated distances bound
 (d <= 2·TV) and which is what the student should lower.
@@ -20,7 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from rlkd.algorithms import DESCENDED_LOSS as LOSS  # noqa: E402
+from rlkd.algorithms import METHODS  # noqa: E402
+
+LOSS = {name: spec.descended for name, spec in METHODS.items() if spec.descended}
 
 
 def _loss(name: str, row: dict, cfg_beta: float) -> float | None:

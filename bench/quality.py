@@ -23,8 +23,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-METHODS = ["sft", "fkl", "rkl", "jsd", "tvd", "seqkd", "gkd", "imitkd", "distillm", "minillm", "okd", "ammd"]
 SIZES = {"S": 128, "XS": 64}
+
+
+def _methods() -> list[str]:
+    from rlkd.algorithms import METHODS
+
+    return list(METHODS)
 
 
 def train_steps(method: str, budget: int, warm: int) -> int:
@@ -118,7 +123,7 @@ def constant_floor(train, rows) -> tuple[dict, dict]:
     """Scores of answering each test row with its family's most frequent training answer, and those answers."""
     from collections import Counter
 
-    from rlkd.evaluation import sample_scores, summarize
+    from rlkd.metrics import sample_scores, summarize
     from rlkd.tasks import skills
 
     common = {f: Counter(r.references[0] for r in train if r.family == f).most_common(1)[0][0]
@@ -132,15 +137,17 @@ def constant_floor(train, rows) -> tuple[dict, dict]:
 
 def floors(prep_by_size: dict, cfg, work: Path) -> list[dict]:
     """Teacher, the students before distillation, and the constant answer per family."""
-    from rlkd.launch import evaluate
+    from rlkd.eval import evaluate_dir
 
     prep = prep_by_size["S"]
     const, common = constant_floor(prep.train, prep.test[:cfg.eval.num_examples])
     out = [{"method": "floor: constant answer", "student": "-", "scores": const, "answers": common},
-           {"method": "teacher", "student": "-", "scores": evaluate(cfg, prep, prep.teacher_dir),
+           {"method": "teacher", "student": "-",
+            "scores": evaluate_dir(cfg, prep.tokenizer, prep.teacher_dir, prep.test),
             **forced_metrics(prep.teacher_dir, prep.teacher_dir, prep, cfg, cfg.eval.seed)}]
     for size, p in prep_by_size.items():
-        out.append({"method": "student before", "student": size, "scores": evaluate(cfg, p, p.student_dir),
+        out.append({"method": "student before", "student": size,
+                    "scores": evaluate_dir(cfg, p.tokenizer, p.student_dir, p.test),
                     **forced_metrics(p.student_dir, p.teacher_dir, p, cfg, cfg.eval.seed)})
     return out
 
@@ -169,18 +176,18 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="gkd only, 2 rates, 1 seed, 3 steps, to /tmp (tests)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--budget", type=int, default=40, help="student optimizer steps per run")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(_methods()), help="default: every method of rlkd.algorithms")
     ap.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="the learning-rate grid of every method's sweep")
     ap.add_argument("--dolly-methods", default="sft,fkl,ammd", help="methods of the Dolly section ('' skips it)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality"))
     a = ap.parse_args(argv)
     t0 = time.time()
     import ray
-
     from quality_dolly import dolly_section
     from quality_report import report
-    from rlkd.config import load_config
+
     from rlkd.cluster import connect_ray
+    from rlkd.config import load_config
     from rlkd.prepare import prepare
 
     methods = ["gkd"] if a.smoke else a.methods.split(",")

@@ -19,10 +19,12 @@ def dolly_section(methods: list[str], seeds: list[int], budget: int, smoke: bool
     if not methods:
         return ""
     from quality import train_steps
+
     from rlkd.builtin import load_data
     from rlkd.config import load_config
-    from rlkd.evaluation import rouge_l
-    from rlkd.launch import evaluate, run
+    from rlkd.eval import evaluate_dir
+    from rlkd.launch import run
+    from rlkd.metrics import rouge_l
     from rlkd.prepare import prepare
 
     common = ["data.builtin=dolly", "data.max_prompt_tokens=96", "data.max_response_tokens=48", "eval.baselines=false",
@@ -35,7 +37,7 @@ def dolly_section(methods: list[str], seeds: list[int], budget: int, smoke: bool
               "floor: copy the instruction": rouge_l([_instruction(e.prompt) for e in val], refs)}
     rows = {name: (v, 0.0) for name, v in floors.items()}
     for name, model in (("teacher", prep.teacher_dir), ("student before", prep.student_dir)):
-        s = evaluate(cfg, prep, model)
+        s = evaluate_dir(cfg, prep.tokenizer, model, prep.test)
         rows[name] = (s["rougeL_mean"], s["rougeL_std"])
     for method in methods:
         scores = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from rlkd.evaluation import mean_std
+from rlkd.metrics import mean_std
 from rlkd.tasks.skills import FAMILIES, OPEN_ENDED
 
 

@@ -158,8 +158,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput"))
     args = ap.parse_args()
 
-    from rlkd.config import load_config
     from rlkd.cluster import connect_ray
+    from rlkd.config import load_config
     from rlkd.prepare import prepare
 
     cfg = load_config(args.config, DOLLY)

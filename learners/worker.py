@@ -168,7 +168,7 @@ class LearnerWorker:
 
     def _collapse(self, fwd: dict[str, StudentForward]) -> dict[str, float]:
         """Collapse detectors of the student (and, for scale, the full-vocabulary teacher) per batch name."""
-        from rlkd.eval_metrics import collapse_stats
+        from rlkd.metrics import collapse_stats
 
         out = {}
         for name, f in fwd.items():

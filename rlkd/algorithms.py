@@ -6,6 +6,7 @@ hyperparameters. Every method runs through the same actors, learners, data and o
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,29 +22,6 @@ from rlkd.schedules import (
     OnPolicyMix,
 )
 
-# name -> one line (shown by validation errors and `--help-config`; the README has the full table)
-METHODS: dict[str, str] = {
-    "sft": "cross-entropy on gold responses",
-    "fkl": "forward KL(p || q) on gold responses ('KD')",
-    "rkl": "reverse KL(q || p) on gold responses",
-    "jsd": "JSD, distillm convention (lam), on gold responses",
-    "tvd": "total variation on gold responses",
-    "seqkd": "cross-entropy on cached teacher generations",
-    "gkd": "generalized JSD(beta), TRL convention, on-policy with probability lmbda",
-    "imitkd": "forward KL on replayed student generations",
-    "distillm": "skew (reverse) KL with adaptive student-generated outputs",
-    "minillm": "sequence-level reverse KL by PPO, teacher-mixed sampling",
-    "okd": "forward KL to a LoRA-adapted teacher trained online",
-    "ammd": "adversarial moment matching of action values, on- and off-policy",
-}
-
-# the metric each method descends, for tests and benchmarks. MiniLLM: its exact single-step reverse KL
-# (the whitened PPO surrogate carries no level). AMMD has none of its own: β·ammd/d_off + (1−β)·ammd/d_on.
-DESCENDED_LOSS: dict[str, str] = {
-    "sft": "loss/sft", "fkl": "loss/fkl", "rkl": "loss/rkl", "jsd": "loss/jsd", "tvd": "loss/tvd",
-    "seqkd": "loss/sft", "gkd": "loss/gjsd", "imitkd": "loss/fkl", "distillm": "loss/srkl",
-    "minillm": "loss/reg", "okd": "loss/student"}
-
 
 @dataclass
 class Method:
@@ -56,6 +34,8 @@ class Method:
     critic_steps: int = 0  # K critic updates per student update
     critic_warmup_steps: int = 0  # first steps that train only the critic
     critic_input: str = "teacher"  # hidden state the critic reads: 'student' | 'teacher'
+    critic_network: str = "linear"  # the critic head: 'linear' | 'mlp'
+    critic_bound: float = 1.0  # |f| <= critic_bound
     needs_teacher_scores: bool = True
     policy_epochs: int = 1  # student updates per batch (PPO epochs)
     snapshot_old_logp: bool = False  # learners record log q_old before the first update (PPO)
@@ -88,7 +68,8 @@ def _ammd(a, seed: int, **_) -> Method:
                           bound=x.critic_bound, anchor=x.anchor_fkl),
                   critic_objective=partial(obj.ammd_critic_objective, beta=x.beta, l2=x.critic_l2),
                   critic_heads=tuple(sources),
-                  critic_steps=x.critic_steps, critic_warmup_steps=x.critic_warmup_steps, critic_input=x.critic_input)
+                  critic_steps=x.critic_steps, critic_warmup_steps=x.critic_warmup_steps, critic_input=x.critic_input,
+                  critic_network=x.critic_network, critic_bound=x.critic_bound)
 
 
 def _distillm(a, seed: int, total_steps: int, steps_per_epoch: int) -> Method:
@@ -122,27 +103,49 @@ def _gkd(a, seed: int, **_) -> Method:
                   partial(obj.divergence_objective, divergence="gjsd", beta=x.beta), rollout_temperature=x.temperature)
 
 
-_BUILDERS = {
-    "sft": lambda a, seed, **_: _gold(obj.sft_objective, "sft", needs_teacher_scores=False),
-    "fkl": lambda a, seed, **_: _gold(partial(obj.divergence_objective, divergence="fkl"), "fkl"),
-    "rkl": lambda a, seed, **_: _gold(partial(obj.divergence_objective, divergence="rkl"), "rkl"),
-    "tvd": lambda a, seed, **_: _gold(partial(obj.divergence_objective, divergence="tvd"), "tvd"),
-    "jsd": lambda a, seed, **_: _gold(partial(obj.divergence_objective, divergence="jsd", lam=a.jsd.lam), "jsd"),
-    "seqkd": lambda a, seed, **_: Method("seqkd", "seqkd", Fixed({"train": TEACHER_GEN}), obj.sft_objective,
-                                         needs_teacher_scores=False),
-    "imitkd": lambda a, seed, **_: Method("imitkd", "imitkd", OnPolicyMix(1.0, GOLD, seed, a.imitkd.capacity),
-                                          partial(obj.divergence_objective, divergence="fkl")),
-    "gkd": _gkd,
-    "distillm": _distillm,
-    "minillm": _minillm,
-    "okd": _okd,
-    "ammd": _ammd,
+def _seqkd(a, seed: int, **_) -> Method:
+    return Method("seqkd", "seqkd", Fixed({"train": TEACHER_GEN}), obj.sft_objective, needs_teacher_scores=False)
+
+
+def _imitkd(a, seed: int, **_) -> Method:
+    return Method("imitkd", "imitkd", OnPolicyMix(1.0, GOLD, seed, a.imitkd.capacity),
+                  partial(obj.divergence_objective, divergence="fkl"))
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    blurb: str  # one line, shown by validation errors and `--help-config` (the README has the full table)
+    descended: str | None  # the metric the method descends, for tests and benchmarks (None: see below)
+    build: Callable[..., Method]  # (cfg.algo, seed, total_steps, steps_per_epoch) -> a fresh Method
+
+
+# Adding a method: one entry here, one section in rlkd/method_config.py (if it has hyperparameters; it
+# validates itself) and one file in configs/methods/. MiniLLM descends its exact single-step reverse KL
+# (the whitened PPO surrogate carries no level); AMMD has no loss of its own: β·ammd/d_off + (1−β)·ammd/d_on.
+METHODS: dict[str, MethodSpec] = {
+    "sft": MethodSpec("cross-entropy on gold responses", "loss/sft",
+                      lambda a, seed, **_: _gold(obj.sft_objective, "sft", needs_teacher_scores=False)),
+    "fkl": MethodSpec("forward KL(p || q) on gold responses ('KD')", "loss/fkl",
+                      lambda a, seed, **_: _gold(partial(obj.divergence_objective, divergence="fkl"), "fkl")),
+    "rkl": MethodSpec("reverse KL(q || p) on gold responses", "loss/rkl",
+                      lambda a, seed, **_: _gold(partial(obj.divergence_objective, divergence="rkl"), "rkl")),
+    "jsd": MethodSpec("JSD, distillm convention (lam), on gold responses", "loss/jsd",
+                      lambda a, seed, **_: _gold(partial(obj.divergence_objective, divergence="jsd", lam=a.jsd.lam),
+                                                 "jsd")),
+    "tvd": MethodSpec("total variation on gold responses", "loss/tvd",
+                      lambda a, seed, **_: _gold(partial(obj.divergence_objective, divergence="tvd"), "tvd")),
+    "seqkd": MethodSpec("cross-entropy on cached teacher generations", "loss/sft", _seqkd),
+    "gkd": MethodSpec("generalized JSD(beta), TRL convention, on-policy with probability lmbda", "loss/gjsd", _gkd),
+    "imitkd": MethodSpec("forward KL on replayed student generations", "loss/fkl", _imitkd),
+    "distillm": MethodSpec("skew (reverse) KL with adaptive student-generated outputs", "loss/srkl", _distillm),
+    "minillm": MethodSpec("sequence-level reverse KL by PPO, teacher-mixed sampling", "loss/reg", _minillm),
+    "okd": MethodSpec("forward KL to a LoRA-adapted teacher trained online", "loss/student", _okd),
+    "ammd": MethodSpec("adversarial moment matching of action values, on- and off-policy", None, _ammd),
 }
-assert set(_BUILDERS) == set(METHODS)
 
 
 def build_method(algo, seed: int = 0, total_steps: int = 1, steps_per_epoch: int = 1) -> Method:
     """A fresh Method (its schedule holds per-run state) for `algo.method`, hyperparameters bound."""
     if algo.method not in METHODS:
         raise ValueError(f"unknown method {algo.method!r}; valid methods: {sorted(METHODS)}")
-    return _BUILDERS[algo.method](algo, seed=seed, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    return METHODS[algo.method].build(algo, seed=seed, total_steps=total_steps, steps_per_epoch=steps_per_epoch)

@@ -12,7 +12,6 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 
-
 def pick(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """values[..., ids] along the last axis: (B, R, V) values at (B, R) ids -> (B, R)."""
     return values.gather(-1, ids.unsqueeze(-1)).squeeze(-1)

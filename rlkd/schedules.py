@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
+
 from rlkd.batch import SequenceBatch
 from rlkd.data import rng_state, set_rng_state
 

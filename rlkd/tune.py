@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlkd.config import Config, ConfigError, _build, _check, build_config, read_yaml, set_field, to_dict
+from rlkd.checks import check
+from rlkd.config import Config, ConfigError, _build, build_config, read_yaml, set_field, to_dict
 from rlkd.outputs import COMPLETED, write_yaml
 
 SPACES = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -60,12 +61,12 @@ def load_sweep(path: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[
     if not isinstance(tune_raw, dict):
         raise ConfigError(f"--config {path!r}: the 'tune' section must be a mapping of TuneConfig fields")
     tc = _build(TuneConfig, tune_raw, "tune.")
-    _check(tc.search_alg in ("random", "optuna"), "tune.search_alg", tc.search_alg, "'random' or 'optuna'")
-    _check(tc.scheduler in ("asha", "fifo"), "tune.scheduler", tc.scheduler, "'asha' or 'fifo'")
-    _check(tc.mode in ("max", "min"), "tune.mode", tc.mode, "'max' or 'min'")
-    _check(tc.num_samples >= 1 and tc.max_concurrent >= 1, "tune.num_samples/max_concurrent",
+    check(tc.search_alg in ("random", "optuna"), "tune.search_alg", tc.search_alg, "'random' or 'optuna'")
+    check(tc.scheduler in ("asha", "fifo"), "tune.scheduler", tc.scheduler, "'asha' or 'fifo'")
+    check(tc.mode in ("max", "min"), "tune.mode", tc.mode, "'max' or 'min'")
+    check(tc.num_samples >= 1 and tc.max_concurrent >= 1, "tune.num_samples/max_concurrent",
            (tc.num_samples, tc.max_concurrent), ">= 1 each")
-    _check(bool(tc.space), "tune.space", tc.space, "at least one 'section.field: {kind: [...]}' entry")
+    check(bool(tc.space), "tune.space", tc.space, "at least one 'section.field: {kind: [...]}' entry")
     base = build_config(raw, overrides)
     for key, spec in tc.space.items():
         trial = copy.deepcopy(to_dict(base))

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rlkd import eval_metrics as M
+from rlkd import metrics as M
 from rlkd.data import SHIPPED_DOLLY
 from rlkd.eval import main
 from rlkd.losses import per_token_kl

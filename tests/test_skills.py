@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rlkd.data import SHIPPED_DOLLY, cut_middle
-from rlkd.evaluation import answer_diversity, by_family, exact_match
+from rlkd.metrics import answer_diversity, by_family, exact_match
 from rlkd.tasks import skills
 
 INSTRUCTIONS = {"reverse": "Reverse the order of the words.", "sort": "Sort the numbers from smallest to largest.",
@@ -117,8 +117,8 @@ def test_collapse_detector_separates_a_context_free_model_from_the_teacher():
     dependence 0; the shipped teacher on suite prompts scores high, with many distinct argmax tokens."""
     from rlkd.batch import SequenceBatch
     from rlkd.data import tokenize
-    from rlkd.eval_metrics import collapse_stats
     from rlkd.forward import response_forward
+    from rlkd.metrics import collapse_stats
     from rlkd.models import load_model, load_tokenizer
     from rlkd.tasks.teacher import SHIPPED_TEACHER, examples
 

@@ -41,7 +41,7 @@ def suite_tokenizer(rows: list[dict], out_dir: Path):
 
 def sample_exact_match(model, tok, rows: list[dict], seed: int, no_repeat_ngram_size: int = 6) -> dict:
     """Exact match ×100 per family and overall, one T=1 sample per prompt (rlkd.eval's protocol)."""
-    from rlkd.evaluation import by_family, decode, exact_match
+    from rlkd.metrics import by_family, decode, exact_match
     from rlkd.sampling import hf_generate
 
     data = tokenize(examples(rows), tok, MAX_PROMPT, MAX_RESPONSE)
