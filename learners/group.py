@@ -40,19 +40,21 @@ class LearnerGroup:
         return len(self.workers)
 
     def load_batch(self, shards: list[dict[str, SequenceBatch]], teacher_refs: list[dict],
-                   n_tokens: dict[str, float], snapshot_old_logp: bool = False) -> None:
-        """Give rank i its shard; teacher scores go as ObjectRefs straight from the teacher actors."""
-        ray.get([w.load_batch.remote(s, t, n_tokens, snapshot_old_logp)
+                   n_tokens: dict[str, float], snapshot_old_logp: bool = False, slot: str = "step") -> None:
+        """Give rank i its shard, kept under `slot`; teacher scores go as ObjectRefs straight from the
+        teacher actors."""
+        ray.get([w.load_batch.remote(s, t, n_tokens, snapshot_old_logp, slot)
                  for w, s, t in zip(self.workers, shards, teacher_refs)])
 
     def train(self, objective: Callable, targets: str | tuple[str, ...] = "student",
-              check_sync: bool = False, collapse: bool = True) -> dict[str, float]:
-        """One step of the target(s) on every rank; returns the global metrics (identical on all ranks)."""
-        return ray.get([w.train.remote(objective, targets, check_sync, collapse) for w in self.workers])[0]
+              check_sync: bool = False, collapse: bool = True, slot: str = "step") -> dict[str, float]:
+        """One step of the target(s) on every rank, on the shard in `slot`; returns the global metrics
+        (identical on all ranks)."""
+        return ray.get([w.train.remote(objective, targets, check_sync, collapse, slot) for w in self.workers])[0]
 
-    def evaluate(self, objective: Callable) -> dict[str, float]:
-        """The objective's global metrics on the loaded batch, no update."""
-        return ray.get([w.evaluate.remote(objective) for w in self.workers])[0]
+    def evaluate(self, objective: Callable, slot: str = "step") -> dict[str, float]:
+        """The objective's global metrics on the shard in `slot`, no update."""
+        return ray.get([w.evaluate.remote(objective, slot) for w in self.workers])[0]
 
     def student_weights_ref(self) -> ray.ObjectRef:
         """An object ref to rank 0's safetensors bytes of the full student."""

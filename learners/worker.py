@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,17 +26,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Slot:
+    """One loaded shard: named batches, their teacher scores and global token counts."""
+    batches: dict[str, SequenceBatch]
+    teacher: dict[str, TeacherScores]
+    n_tokens: dict[str, float]
+    old_logp: dict[str, torch.Tensor]  # PPO: log q_old before the first update
+    frozen: dict[str, tuple] = field(default_factory=dict)  # no-grad student forwards, until the student steps
+
+
 class LearnerWorker:
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
         self.critic = None
         self.adapted = None  # OKD: DeepSpeed engine of the teacher + LoRA
         self.critic_reads_teacher = False
-        self.old_logp: dict[str, torch.Tensor] = {}
-        self.batches: dict[str, SequenceBatch] = {}
-        self.teacher: dict[str, TeacherScores] = {}
-        self.n_tokens: dict[str, float] = {}
-        self._frozen: dict[str, tuple] = {}  # no-grad student forwards, valid until the student steps
+        self.slots: dict[str, Slot] = {}  # loaded shards by slot name: 'step' (training), 'val' (validation)
 
     def address(self) -> tuple[str, int]:
         import ray
@@ -85,22 +92,21 @@ class LearnerWorker:
     # ---- data -------------------------------------------------------------------------------
 
     def load_batch(self, batches: dict[str, SequenceBatch], teacher: dict, n_tokens: dict[str, float],
-                   snapshot_old_logp: bool = False) -> None:
-        """Store this rank's shard for the step. Teacher scores may arrive as ObjectRefs straight
-        from the teacher actors (never through the driver). With `snapshot_old_logp`, record
-        log q_old of the response tokens now, before any update (PPO's ratio denominator)."""
+                   snapshot_old_logp: bool = False, slot: str = "step") -> None:
+        """Store this rank's shard in `slot`. Teacher scores may arrive as ObjectRefs straight from the
+        teacher actors (never through the driver). With `snapshot_old_logp`, record log q_old of the
+        response tokens now, before any update (PPO's ratio denominator)."""
         import ray
 
-        self.batches, self._frozen = batches, {}
-        self.teacher = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in teacher.items()}
-        self.n_tokens = n_tokens
-        self.old_logp = {k: self.logprobs(b) for k, b in batches.items()} if snapshot_old_logp else {}
+        scores = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in teacher.items()}
+        old = {k: self.logprobs(b) for k, b in batches.items()} if snapshot_old_logp else {}
+        self.slots[slot] = Slot(batches, scores, n_tokens, old)
 
-    def _forward(self, name: str, targets: tuple[str, ...]) -> StudentForward:
-        batch, teacher = self.batches[name], self.teacher.get(name)
+    def _forward(self, s: Slot, name: str, targets: tuple[str, ...]) -> StudentForward:
+        batch, teacher = s.batches[name], s.teacher.get(name)
         use_critic = self.critic is not None and name in self.critic.module.heads
         student_hidden = use_critic and not self.critic_reads_teacher
-        logp, hidden = self._student_forward(name, "student" in targets, student_hidden)
+        logp, hidden = self._student_forward(s, name, "student" in targets, student_hidden)
         critic = adapted = None
         if use_critic:
             with torch.set_grad_enabled("critic" in targets):
@@ -109,20 +115,24 @@ class LearnerWorker:
             with torch.set_grad_enabled("teacher" in targets):
                 adapted = torch.log_softmax(response_forward(self.adapted, batch, self.vocab_size)[0], -1)
         return StudentForward(logp, batch.responses, batch.response_mask, teacher, critic, batch.rollout_logprobs,
-                              batch.behavior_logprobs, self.old_logp.get(name), adapted)
+                              batch.behavior_logprobs, s.old_logp.get(name), adapted)
 
-    def _student_forward(self, name: str, grad: bool, with_hidden: bool):
+    def _student_forward(self, s: Slot, name: str, grad: bool, with_hidden: bool):
         """Student log-probs (and hidden state) on batch `name`. Without a gradient the result is kept
-        until the student steps or a batch is loaded: the K critic updates of a step share one forward."""
-        if not grad and name in self._frozen:
-            return self._frozen[name]
-        self._frozen.pop(name, None)  # a (B, R, V) tensor: never hold two at once
+        until the student steps or the slot is reloaded: the K critic updates of a step share one forward."""
+        if not grad and name in s.frozen:
+            return s.frozen[name]
+        s.frozen.pop(name, None)  # a (B, R, V) tensor: never hold two at once
         with torch.set_grad_enabled(grad):
-            logits, hidden = response_forward(self.student, self.batches[name], self.vocab_size, with_hidden)
+            logits, hidden = response_forward(self.student, s.batches[name], self.vocab_size, with_hidden)
             out = torch.log_softmax(logits, -1), hidden
         if not grad:
-            self._frozen[name] = out
+            s.frozen[name] = out
         return out
+
+    def _student_moved(self) -> None:
+        for s in self.slots.values():
+            s.frozen.clear()
 
     # ---- training ---------------------------------------------------------------------------
 
@@ -135,8 +145,8 @@ class LearnerWorker:
         return t
 
     def train(self, objective: Callable, targets: str | tuple[str, ...] = "student",
-              check_sync: bool = False, collapse: bool = True) -> dict[str, float]:
-        """One optimizer step of each target ('student', 'critic', 'teacher') on the stored shard.
+              check_sync: bool = False, collapse: bool = True, slot: str = "step") -> dict[str, float]:
+        """One optimizer step of each target ('student', 'critic', 'teacher') on the shard in `slot`.
 
         The objective returns one loss, or {target: loss} when one forward trains several models.
         Returns its metrics summed over ranks (global values). With `check_sync`, also the mean
@@ -148,8 +158,9 @@ class LearnerWorker:
         for t in targets:
             if engines.get(t) is None:
                 raise ValueError(f"cannot train {t!r} on this learner")
-        fwd = {k: self._forward(k, targets) for k in self.batches}
-        loss, metrics = objective(fwd, ObjectiveContext(self.n_tokens, self._all_reduce))
+        s = self.slots[slot]
+        fwd = {k: self._forward(s, k, targets) for k in s.batches}
+        loss, metrics = objective(fwd, ObjectiveContext(s.n_tokens, self._all_reduce))
         per_target = loss if isinstance(loss, dict) else {targets[0]: loss}
         for t in targets:
             if not torch.isfinite(per_target[t]):
@@ -158,9 +169,9 @@ class LearnerWorker:
             engines[t].backward(per_target[t] * self.world_size)
             engines[t].step()
         if "student" in targets:
-            self._frozen = {}
+            self._student_moved()
         if check_sync:
-            metrics.update(self._sync_gap(fwd))
+            metrics.update(self._sync_gap(fwd, s.n_tokens))
         out = self._global(metrics)
         if collapse and "student" in targets:
             out.update(self._collapse(fwd))
@@ -181,10 +192,11 @@ class LearnerWorker:
         return out
 
     @torch.no_grad()
-    def evaluate(self, objective: Callable) -> dict[str, float]:
-        """The objective's metrics on the stored shard, without any update (validation losses)."""
-        fwd = {k: self._forward(k, ()) for k in self.batches}
-        _, metrics = objective(fwd, ObjectiveContext(self.n_tokens, self._all_reduce))
+    def evaluate(self, objective: Callable, slot: str = "step") -> dict[str, float]:
+        """The objective's metrics on the shard in `slot`, without any update (validation losses)."""
+        s = self.slots[slot]
+        fwd = {k: self._forward(s, k, ()) for k in s.batches}
+        _, metrics = objective(fwd, ObjectiveContext(s.n_tokens, self._all_reduce))
         return self._global(metrics)
 
     def _global(self, metrics: dict) -> dict[str, float]:
@@ -192,11 +204,11 @@ class LearnerWorker:
         values = self._all_reduce(torch.stack([torch.as_tensor(metrics[k], dtype=torch.float32) for k in keys]))
         return dict(zip(keys, values.tolist()))
 
-    def _sync_gap(self, fwd: dict[str, StudentForward]) -> dict[str, torch.Tensor]:
+    def _sync_gap(self, fwd: dict[str, StudentForward], n_tokens: dict[str, float]) -> dict[str, torch.Tensor]:
         out = {}
         for name, f in fwd.items():
             if f.rollout_logprobs is not None:
-                gap = ((f.token_logp.detach() - f.rollout_logprobs).abs() * f.mask).sum() / self.n_tokens[name]
+                gap = ((f.token_logp.detach() - f.rollout_logprobs).abs() * f.mask).sum() / n_tokens[name]
                 out[f"sync/logprob_gap_{name}"] = gap
         return out
 
@@ -272,4 +284,4 @@ class LearnerWorker:
                 raise FileNotFoundError(f"no DeepSpeed checkpoint of the {name} under {in_dir}/deepspeed")
         rng = torch.load(f"{in_dir}/rng/rank{self.rank}.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
-        self._frozen = {}
+        self._student_moved()

@@ -165,15 +165,15 @@ class Controller:
             self.sync()
 
     def validation_ce(self) -> float:
-        """Token-mean CE of the gold validation responses under the current student. It replaces the
-        loaded batch, so it runs after the step's updates."""
+        """Token-mean CE of the gold validation responses under the current student (learner slot 'val',
+        so the step's own batch stays loaded)."""
         n = self.learners.size
         rows = self.val_rows[:len(self.val_rows) // n * n]
         val = SequenceBatch.collate([r.prompt_ids for r in rows], [r.response_ids for r in rows], self.s.pad_id)
         with self.phase("validate"):
             self.learners.load_batch(shard_named({"train": val}, n), [{} for _ in range(n)],
-                                     {"train": float(val.num_tokens())})
-            return self.learners.evaluate(sft_objective)["loss/sft"]
+                                     {"train": float(val.num_tokens())}, slot="val")
+            return self.learners.evaluate(sft_objective, slot="val")["loss/sft"]
 
     # ---- checkpoint state ---------------------------------------------------------------------
 

@@ -34,15 +34,16 @@ class FakeLearners:
     def __init__(self, log: list):
         self.log = log
 
-    def load_batch(self, shards, teacher_refs, n_tokens, snapshot_old_logp=False):
-        self.log.append(("learners", "load " + ",".join(shards[0])))
+    def load_batch(self, shards, teacher_refs, n_tokens, snapshot_old_logp=False, slot="step"):
+        self.log.append(("learners", f"load {slot} " + ",".join(shards[0])))
 
-    def train(self, objective, targets, check_sync=False, collapse=True):
-        self.log.append(("learners", "train " + "+".join((targets,) if isinstance(targets, str) else targets)))
+    def train(self, objective, targets, check_sync=False, collapse=True, slot="step"):
+        targets = (targets,) if isinstance(targets, str) else targets
+        self.log.append(("learners", f"train {slot} " + "+".join(targets)))
         return {}
 
-    def evaluate(self, objective):
-        self.log.append(("learners", "evaluate"))
+    def evaluate(self, objective, slot="step"):
+        self.log.append(("learners", f"evaluate {slot}"))
         return {"loss/sft": 1.0}
 
 
@@ -62,14 +63,14 @@ def _controller(*overrides):
 def test_gold_method_scores_then_trains_the_student():
     ctl, log = _controller("algo.method=fkl")
     ctl.step(1)
-    assert log == [("teacher", "score"), ("learners", "load train"), ("learners", "train student")]
+    assert log == [("teacher", "score"), ("learners", "load step train"), ("learners", "train step student")]
 
 
 def test_on_policy_method_generates_first_and_syncs_last():
     ctl, log = _controller("algo.method=gkd", "algo.gkd.lmbda=1.0")
     metrics = ctl.step(1)
-    assert log == [("rollout", "generate"), ("teacher", "score"), ("learners", "load train"),
-                   ("learners", "train student"), ("rollout", "update_weights")]
+    assert log == [("rollout", "generate"), ("teacher", "score"), ("learners", "load step train"),
+                   ("learners", "train step student"), ("rollout", "update_weights")]
     assert metrics["tokens/generated"] == 4.0  # 2 prompts x 2 sampled tokens
 
 
@@ -77,9 +78,9 @@ def test_on_policy_method_generates_first_and_syncs_last():
 def test_ammd_runs_k_critic_updates_before_the_student(step):
     ctl, log = _controller("algo.method=ammd", "algo.ammd.critic_steps=3", "algo.ammd.critic_warmup_steps=2")
     ctl.step(step)
-    head = [("teacher", "generate"), ("rollout", "generate"), ("teacher", "score"), ("learners", "load off,on")]
-    critic = [("learners", "train critic")] * 3
-    student = [("learners", "train student"), ("rollout", "update_weights")] if step > 2 else []  # warm-up
+    head = [("teacher", "generate"), ("rollout", "generate"), ("teacher", "score"), ("learners", "load step off,on")]
+    critic = [("learners", "train step critic")] * 3
+    student = [("learners", "train step student"), ("rollout", "update_weights")] if step > 2 else []  # warm-up
     assert log == head + critic + student
 
 
@@ -93,4 +94,7 @@ def test_teacher_generations_are_sampled_once_per_prompt():
 def test_validation_runs_after_the_update():
     ctl, log = _controller("algo.method=distillm", "algo.distillm.eval_every=1")
     metrics = ctl.step(1)
-    assert log[-2:] == [("learners", "load train"), ("learners", "evaluate")] and metrics["val/ce"] == 1.0
+    # validation loads its own slot, after the update, so the step's batch is never overwritten
+    assert log[-4:] == [("learners", "train step student"), ("rollout", "update_weights"),
+                        ("learners", "load val train"), ("learners", "evaluate val")]
+    assert metrics["val/ce"] == 1.0
