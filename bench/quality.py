@@ -234,7 +234,8 @@ def main(argv=None) -> int:
     results = [r for r in results if r["method"] in methods]
     text = report(head, base, results, {m: sweeps[m][1] for m in methods}, Path(f"{out}.png")) + dolly
     Path(f"{out}.md").write_text(text)
-    Path(f"{out}.json").write_text(json.dumps({"floors": base, "runs": results}, indent=1) + "\n")
+    record = {"budget": budget, "lrs": lrs, "floors": base, "runs": results}
+    Path(f"{out}.json").write_text(json.dumps(record, indent=1) + "\n")
     partial.unlink(missing_ok=True)
     print(text)
     return 0
