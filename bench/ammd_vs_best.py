@@ -50,10 +50,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ammd_vs_best"))
     a = ap.parse_args(argv)
     import ray
-
     from quality import SIZES, overrides, run_one
+
+    from rlkd.cluster import connect_ray
     from rlkd.config import load_config
-    from rlkd.launch import connect_ray, prepare
+    from rlkd.prepare import prepare
 
     q = json.loads(Path(a.quality).read_text())
     runs, budget = q["runs"], q.get("budget") or a.budget
