@@ -1,7 +1,7 @@
 """Method-by-method quality on the skills suite: every method, two student sizes, several training seeds,
 learning rates chosen on validation by a Ray Tune sweep, one budget of student optimizer steps.
 
-    python bench/quality.py [--smoke] [--seeds 3] [--budget 40] [--methods ammd,gkd,...] [--lrs 3e-4,1e-3,3e-3]
+    python bench/quality.py [--smoke] [--seeds 3] [--budget 200] [--methods ammd,gkd,...] [--lrs 3e-4,1e-3,3e-3]
         -> bench/results/quality.md, quality.json, quality.png   (--smoke: /tmp, a few minutes)
 
 Teacher: the shipped skills teacher. Students: S (2x128) and XS (2x64), both SFT'd with the same fixed
@@ -171,17 +171,34 @@ def _save(partial: Path, done: dict, t0: float) -> None:
     tmp.replace(partial)  # atomic: a kill mid-write never loses the finished runs
 
 
-def main(argv=None) -> int:
+def _args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="gkd only, 2 rates, 1 seed, 3 steps, to /tmp (tests)")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--budget", type=int, default=40, help="student optimizer steps per run")
+    ap.add_argument("--budget", type=int, default=200, help="student optimizer steps per run")
     ap.add_argument("--methods", default=",".join(_methods()), help="default: every method of rlkd.algorithms")
     ap.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="the learning-rate grid of every method's sweep")
     ap.add_argument("--dolly-methods", default="sft,fkl,ammd", help="methods of the Dolly section ('' skips it)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality"))
-    a = ap.parse_args(argv)
-    t0 = time.time()
+    return ap.parse_args(argv)
+
+
+def _train_all(methods, seeds, budget, smoke, work, preps, done, save, log) -> None:
+    """Every method x student x seed at the method's chosen rate; each finished run is saved at once."""
+    for method in methods:
+        for size in SIZES:
+            for seed in seeds:
+                if any((r["method"], r["student"], r["seed"]) == (method, size, seed) for r in done["runs"]):
+                    continue
+                r = run_one(method, size, done["sweeps"][method][0], seed, budget, smoke, work, preps[size])
+                done["runs"].append(r)
+                save()  # an interrupted benchmark resumes from the finished runs
+                log(f"{size} {method} seed {seed}: exact match {r['scores']['exact_match_mean']:.1f} "
+                    f"({r['run_seconds']:.0f}s)")
+
+
+def main(argv=None) -> int:
+    a, t0, log = _args(argv), time.time(), print
     import ray
     from quality_dolly import dolly_section
     from quality_report import report
@@ -195,35 +212,26 @@ def main(argv=None) -> int:
     lrs = [1e-3, 3e-3] if a.smoke else [float(x) for x in a.lrs.split(",")]
     out = Path(tempfile.mkdtemp(prefix="rlkd-quality-")) / "quality" if a.smoke else Path(a.out)
     work = Path(tempfile.mkdtemp(prefix="rlkd-quality-runs-"))
-    log = print
     cfgs = {s: load_config(None, overrides("sft", budget, a.smoke) + [f"model.tiny.student_hidden={h}"])
             for s, h in SIZES.items()}
     preps = {s: prepare(c, log=lambda *x: None) for s, c in cfgs.items()}  # builds both SFT'd students once
     flags = " --smoke" if a.smoke else f" --seeds {a.seeds} --budget {a.budget} --lrs {a.lrs}"
     partial = Path(f"{out}.partial.json")
     done = _resume(partial, flags, log)
-    sweeps, results = done["sweeps"], done["runs"]
     t0 -= done.get("seconds", 0.0)  # the wall time reported includes the interrupted sessions'
+    save = lambda: _save(partial, done, t0)  # noqa: E731
     for method in methods:  # each sweep starts and stops its own Ray cluster
-        if method not in sweeps:
-            sweeps[method] = choose_lr(method, lrs, budget, a.smoke, work, log)
-            _save(partial, done, t0)
+        if method not in done["sweeps"]:
+            done["sweeps"][method] = choose_lr(method, lrs, budget, a.smoke, work, log)
+            save()
     started = connect_ray(0, log=lambda *x: None)
     try:
-        base = done.setdefault("floors", None) or floors(preps, cfgs["S"], work)
-        done["floors"] = base
-        for method in methods:
-            for size in SIZES:
-                for seed in seeds:
-                    if any((r["method"], r["student"], r["seed"]) == (method, size, seed) for r in results):
-                        continue
-                    r = run_one(method, size, sweeps[method][0], seed, budget, a.smoke, work, preps[size])
-                    results.append(r)
-                    _save(partial, done, t0)  # an interrupted benchmark resumes from the finished runs
-                    log(f"{size} {method} seed {seed}: exact match {r['scores']['exact_match_mean']:.1f} "
-                        f"({r['run_seconds']:.0f}s)")
-        dolly = dolly_section(a.dolly_methods.split(",") if a.dolly_methods else [], seeds, budget, a.smoke, work,
-                              log) if not a.smoke else ""
+        done["floors"] = done.get("floors") or floors(preps, cfgs["S"], work)
+        _train_all(methods, seeds, budget, a.smoke, work, preps, done, save, log)
+        if "dolly" not in done:
+            dolly_methods = a.dolly_methods.split(",") if a.dolly_methods and not a.smoke else []
+            done["dolly"] = dolly_section(dolly_methods, seeds, budget, a.smoke, work, log)
+            save()
     finally:
         if started:
             ray.shutdown()
@@ -231,13 +239,13 @@ def main(argv=None) -> int:
             f"budget {budget} student optimizer steps per run, learning rate per method from the grid {lrs} "
             f"chosen on validation exact match; test split, {cfgs['S'].eval.num_examples} prompts, "
             f"{cfgs['S'].eval.num_seeds} sampling seeds; {(time.time() - t0) / 60:.0f} min in all on this machine")
-    results = [r for r in results if r["method"] in methods]
-    text = report(head, base, results, {m: sweeps[m][1] for m in methods}, Path(f"{out}.png")) + dolly
-    Path(f"{out}.md").write_text(text)
-    record = {"budget": budget, "lrs": lrs, "floors": base, "runs": results}
+    results = [r for r in done["runs"] if r["method"] in methods]
+    text = report(head, done["floors"], results, {m: done["sweeps"][m][1] for m in methods}, Path(f"{out}.png"))
+    Path(f"{out}.md").write_text(text + done["dolly"])
+    record = {"budget": budget, "lrs": lrs, "floors": done["floors"], "runs": results}
     Path(f"{out}.json").write_text(json.dumps(record, indent=1) + "\n")
     partial.unlink(missing_ok=True)
-    print(text)
+    print(text + done["dolly"])
     return 0
 
 
