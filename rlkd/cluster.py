@@ -72,6 +72,21 @@ def placement(pg, index: int) -> dict:
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)}
 
 
+def layout(cfg, method) -> Layout:
+    """The bundles one run of `method` (an rlkd.algorithms.Method) reserves: Tune trials reserve them,
+    rlkd.launch.start_groups fills them."""
+    return Layout.of(learners=(cfg.learner.num_ranks, resources(cfg.learner.num_cpus, cfg.learner.num_gpus)),
+                     teachers=(cfg.teacher.num_actors if _may_need_teacher(method) else 0,
+                               resources(cfg.teacher.num_cpus, cfg.teacher.num_gpus)),
+                     rollouts=(cfg.rollout.num_actors if method.uses_rollouts else 0,
+                               resources(cfg.rollout.num_cpus, cfg.rollout.num_gpus)))
+
+
+def _may_need_teacher(method) -> bool:
+    """A teacher actor scores or samples for this method (start_groups may skip it when samples are cached)."""
+    return method.needs_teacher_scores or method.uses_teacher_generations
+
+
 # ---- actor groups ---------------------------------------------------------------------------
 
 class ActorGroup:

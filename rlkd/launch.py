@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rlkd import checkpoint
 from rlkd.algorithms import Method, build_method
-from rlkd.cluster import ActorGroup, Layout, connect_ray, placement, resources
+from rlkd.cluster import ActorGroup, connect_ray, layout, placement
 from rlkd.config import Config, to_dict
 from rlkd.controller import Controller, StepSettings
 from rlkd.data import PromptSampler
@@ -35,20 +35,6 @@ class Groups:
         self.learners.shutdown()
         self.rollouts.kill()
         self.teachers.kill()
-
-
-def layout(cfg: Config, method: Method) -> Layout:
-    """The bundles one run reserves (rlkd.cluster.Layout): Tune trials reserve them, start_groups fills them."""
-    return Layout.of(learners=(cfg.learner.num_ranks, resources(cfg.learner.num_cpus, cfg.learner.num_gpus)),
-                     teachers=(cfg.teacher.num_actors if _may_need_teacher(method) else 0,
-                               resources(cfg.teacher.num_cpus, cfg.teacher.num_gpus)),
-                     rollouts=(cfg.rollout.num_actors if method.uses_rollouts else 0,
-                               resources(cfg.rollout.num_cpus, cfg.rollout.num_gpus)))
-
-
-def _may_need_teacher(method: Method) -> bool:
-    """A teacher actor scores or samples for this method (start_groups may skip it when samples are cached)."""
-    return method.needs_teacher_scores or method.uses_teacher_generations
 
 
 def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_cached: bool = False,

@@ -48,7 +48,8 @@ class TrainLoop:
         self.controller.sync_now()  # rollout actors started from the initial student
         self.first, self.wall0 = state["step"] + 1, state["wall_seconds"]
         self.history = read_metrics(self.run_dir, state["step"])
-        self.log(f"resumed from {ckpt} (step {state['step']}, data position {state['controller']['sampler']['position']})")
+        position = state["controller"]["sampler"]["position"]
+        self.log(f"resumed from {ckpt} (step {state['step']}, data position {position})")
 
     def run(self) -> list[dict]:
         cfg, total = self.cfg, self.cfg.train.steps

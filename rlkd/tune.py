@@ -3,7 +3,7 @@
     python -m rlkd.main --config configs/sweeps/ammd_dolly.yaml          (also under `ray job submit`)
 
 Every trial runs the full controller (rlkd.launch.run) with the sampled fields set, inside a
-placement group of exactly the bundles that run needs (rlkd.launch.layout), and reports each
+placement group of exactly the bundles that run needs (rlkd.cluster.layout), and reports each
 step's metrics and checkpoints with `tune.report`. At the end rlkd prints a results table and writes
 `best_config.yaml`, a plain config ready for `python -m rlkd.main --config`. Running the same
 command again after an interruption restores the sweep (`Tuner.restore`) and resumes unfinished
@@ -156,7 +156,7 @@ def make_trainable(base: dict, tc: TuneConfig, sweep_dir: Path) -> Callable:
 def trial_bundles(base_cfg: Config) -> list[dict]:
     """What one trial reserves: the bundles of one rlkd run (the driver, evaluation, every actor)."""
     from rlkd.algorithms import build_method
-    from rlkd.launch import layout
+    from rlkd.cluster import layout
 
     return layout(base_cfg, build_method(base_cfg.algo, base_cfg.train.seed, base_cfg.train.steps, 1)).bundles
 

@@ -1,8 +1,7 @@
 """The one placement layout: what a run reserves, and where each role's actors go inside it."""
 from rlkd.algorithms import build_method
-from rlkd.cluster import Layout
+from rlkd.cluster import Layout, layout
 from rlkd.config import load_config
-from rlkd.launch import layout
 from rlkd.tune import trial_bundles
 
 

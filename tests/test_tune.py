@@ -24,7 +24,8 @@ def _cmd(tmp_path):
 
 
 def _env():
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT), "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT),
+            "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
 
 
 def check_finished(tmp_path):
