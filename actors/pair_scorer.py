@@ -47,4 +47,4 @@ class PairScorer:
         from rlkd.sampling import hf_generate
 
         return hf_generate(self.teacher, prompts, self.pad_id, self.eos_id, max_new_tokens, seed=seed,
-                           no_repeat_ngram_size=no_repeat_ngram_size)[0]
+                           no_repeat_ngram_size=no_repeat_ngram_size, vocab_size=self.vocab_size)[0]

@@ -10,7 +10,7 @@ import time
 
 
 class _HFEngine:
-    def __init__(self, model_dir: str, pad_id: int, eos_id: int, trust_remote_code: bool):
+    def __init__(self, model_dir: str, pad_id: int, eos_id: int, trust_remote_code: bool, vocab_size: int | None):
         import torch
 
         from rlkd.models import load_model
@@ -18,13 +18,13 @@ class _HFEngine:
         self.model = load_model(model_dir, trust_remote_code).eval()
         if torch.cuda.is_available():
             self.model.cuda()
-        self.pad_id, self.eos_id = pad_id, eos_id
+        self.pad_id, self.eos_id, self.vocab_size = pad_id, eos_id, vocab_size
 
     def generate(self, prompts, max_new_tokens, temperature, top_p, seed, no_repeat_ngram_size):
         from rlkd.sampling import hf_generate
 
         return hf_generate(self.model, prompts, self.pad_id, self.eos_id, max_new_tokens, temperature,
-                           top_p, seed, no_repeat_ngram_size)
+                           top_p, seed, no_repeat_ngram_size, vocab_size=self.vocab_size)
 
     def load_weights(self, blob: bytes) -> None:
         from safetensors.torch import load
@@ -36,7 +36,7 @@ class _HFEngine:
 
 class _VLLMEngine:
     def __init__(self, model_dir: str, seed: int, memory_fraction: float, cpu_kv_cache_gib: float,
-                 max_model_len: int, trust_remote_code: bool):
+                 max_model_len: int, trust_remote_code: bool, vocab_size: int | None, enforce_eager: bool):
         # one process: the engine core runs inside this actor (no extra spawned engine process)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         import torch
@@ -45,9 +45,14 @@ class _VLLMEngine:
         gpu = torch.cuda.is_available()
         memory = {"gpu_memory_utilization": memory_fraction} if gpu else {
             "kv_cache_memory_bytes": int(cpu_kv_cache_gib * 2**30)}
-        self.llm = LLM(model=model_dir, dtype="auto" if gpu else "float32", enforce_eager=True, seed=seed, **memory,
-                       max_model_len=max_model_len, trust_remote_code=trust_remote_code,
+        # CPU: always eager; GPU: CUDA graphs unless rollout.vllm_enforce_eager
+        self.llm = LLM(model=model_dir, dtype="auto" if gpu else "float32", enforce_eager=enforce_eager or not gpu,
+                       seed=seed, **memory, max_model_len=max_model_len, trust_remote_code=trust_remote_code,
                        worker_extension_cls="actors.vllm_worker.RlkdWorkerExtension")
+        rows = self.llm.llm_engine.model_config.get_vocab_size()
+        # padding rows past the tokenizer: a -100 bias (vLLM's limit) puts them ~e^-100 below any real token;
+        # an allowed_token_ids list of ~150k ids per request would cost more than the sampling
+        self.bias = {i: -100.0 for i in range(vocab_size, rows)} if vocab_size and vocab_size < rows else None
 
     def generate(self, prompts, max_new_tokens, temperature, top_p, seed, no_repeat_ngram_size):
         from vllm import SamplingParams
@@ -55,7 +60,7 @@ class _VLLMEngine:
         if no_repeat_ngram_size:
             raise ValueError("rollout.backend='vllm' does not support no_repeat_ngram_size; use backend 'hf'")
         params = [SamplingParams(temperature=temperature, top_p=top_p, top_k=0, max_tokens=max_new_tokens,
-                                 seed=seed + i, logprobs=0) for i in range(len(prompts))]
+                                 seed=seed + i, logprobs=0, logit_bias=self.bias) for i in range(len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         responses, logprobs = [], []
         for o in outs:
@@ -67,6 +72,7 @@ class _VLLMEngine:
 
     def load_weights(self, blob: bytes) -> None:
         self.llm.collective_rpc("rlkd_load_weights", args=(blob,))
+        self.llm.reset_prefix_cache()  # cached KV of shared prefixes was computed with the old weights
 
 
 class RolloutActor:
@@ -74,15 +80,17 @@ class RolloutActor:
 
     def __init__(self, model_dir: str, backend: str, pad_id: int, eos_id: int, seed: int = 0,
                  vllm_memory_fraction: float = 0.5, vllm_cpu_kv_cache_gib: float = 0.25, max_model_len: int = 512,
-                 trust_remote_code: bool = False, mix_teacher_dir: str | None = None):
+                 trust_remote_code: bool = False, mix_teacher_dir: str | None = None, vocab_size: int | None = None,
+                 vllm_enforce_eager: bool = False):
+        """`vocab_size`: the tokenizer's length; sampling never returns an id at or above it."""
         from rlkd.models import use_allotted_threads
 
         use_allotted_threads()
         if backend == "hf":
-            self.engine = _HFEngine(model_dir, pad_id, eos_id, trust_remote_code)
+            self.engine = _HFEngine(model_dir, pad_id, eos_id, trust_remote_code, vocab_size)
         elif backend == "vllm":
             self.engine = _VLLMEngine(model_dir, seed, vllm_memory_fraction, vllm_cpu_kv_cache_gib, max_model_len,
-                                      trust_remote_code)
+                                      trust_remote_code, vocab_size, vllm_enforce_eager)
         else:
             raise ValueError(f"rollout.backend={backend!r}: expected 'hf' or 'vllm'")
         self.backend = backend

@@ -93,12 +93,14 @@ class LearnerWorker:
 
     def load_batch(self, batches: dict[str, SequenceBatch], teacher: dict, n_tokens: dict[str, float],
                    snapshot_old_logp: bool = False, slot: str = "step") -> None:
-        """Store this rank's shard in `slot`. Teacher scores may arrive as ObjectRefs straight from the
-        teacher actors (never through the driver). With `snapshot_old_logp`, record log q_old of the
-        response tokens now, before any update (PPO's ratio denominator)."""
+        """Store this rank's shard in `slot`, on the learner's device. Teacher scores may arrive as
+        ObjectRefs straight from the teacher actors (never through the driver). With `snapshot_old_logp`,
+        record log q_old of the response tokens now, before any update (PPO's ratio denominator)."""
         import ray
 
-        scores = {k: ray.get(v) if isinstance(v, ray.ObjectRef) else v for k, v in teacher.items()}
+        device = self.student.device  # the engine's device: batches and scores arrive on the host
+        batches = {k: b.to(device) for k, b in batches.items()}
+        scores = {k: (ray.get(v) if isinstance(v, ray.ObjectRef) else v).to(device) for k, v in teacher.items()}
         old = {k: self.logprobs(b) for k, b in batches.items()} if snapshot_old_logp else {}
         self.slots[slot] = Slot(batches, scores, n_tokens, old)
 

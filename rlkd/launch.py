@@ -93,8 +93,8 @@ def _start_rollouts(cfg: Config, prep: Prepared, method: Method, options: Callab
     mix_dir = str(prep.teacher_dir) if method.mix_alpha else None  # MiniLLM: both models in one sampling loop
     return [ray.remote(RolloutActor).options(**options("rollout", i, r)).remote(
         str(prep.student_dir), r.backend, tok.pad_token_id, tok.eos_token_id, cfg.train.seed + i,
-        r.vllm_memory_fraction, r.vllm_cpu_kv_cache_gib, max_len, cfg.model.trust_remote_code, mix_dir)
-        for i in range(r.num_actors)]
+        r.vllm_memory_fraction, r.vllm_cpu_kv_cache_gib, max_len, cfg.model.trust_remote_code, mix_dir,
+        vocab_size=prep.vocab_size, vllm_enforce_eager=r.vllm_enforce_eager) for i in range(r.num_actors)]
 
 
 def _start_learners(cfg: Config, prep: Prepared, m: Method, placement_of_rank0: tuple | None):

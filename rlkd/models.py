@@ -69,19 +69,38 @@ def load_model(path: str | Path, trust_remote_code: bool = False, dtype=None):
                                                 trust_remote_code=trust_remote_code)
 
 
-def check_same_tokenizer(teacher_dir: str | Path, student_dir: str | Path, trust_remote_code: bool = False) -> int:
+def check_same_tokenizer(teacher_dir: str | Path, student_dir: str | Path, trust_remote_code: bool = False,
+                         log: Callable = print) -> int:
     """Teacher and student must share a vocabulary (embedding sizes may differ by padding rows).
 
-    Returns the tokenizer's vocabulary size, the width every logit tensor is sliced to.
+    What matters is that every id means the same token to both: the same length, the same id for every
+    token both know, and the same eos / bos / pad ids. An id whose *added* token is named differently
+    (Llama 3.1 and 3.2 renamed unused reserved specials) only gets a warning. Returns the tokenizer's
+    length, the width every logit tensor is sliced to.
     """
     t, s = load_tokenizer(teacher_dir, trust_remote_code), load_tokenizer(student_dir, trust_remote_code)
     tv, sv = t.get_vocab(), s.get_vocab()
-    if tv != sv or t.eos_token_id != s.eos_token_id:
-        diff = len(set(tv.items()) ^ set(sv.items()))
+    moved = [tok for tok in tv.keys() & sv.keys() if tv[tok] != sv[tok]]
+    t_by_id, s_by_id = {i: tok for tok, i in tv.items()}, {i: tok for tok, i in sv.items()}
+    renamed = [i for i in t_by_id.keys() & s_by_id.keys() if t_by_id[i] != s_by_id[i]]
+    added = {i for i in t.added_tokens_decoder} & {i for i in s.added_tokens_decoder}
+    problems = [f"{len(t)} vs {len(s)} tokens"] if len(t) != len(s) else []
+    if moved:
+        problems.append(f"{len(moved)} shared tokens have different ids (e.g. {moved[0]!r})")
+    if set(renamed) - added:
+        problems.append(f"{len(set(renamed) - added)} ids are different tokens")
+    for name in ("eos", "bos", "pad"):  # eos must agree; bos and pad where both define one
+        a, b = getattr(t, f"{name}_token_id"), getattr(s, f"{name}_token_id")
+        if a != b and (name == "eos" or None not in (a, b)):
+            problems.append(f"{name} id {a} vs {b}")
+    if problems:
         raise ConfigError(f"model.teacher={str(teacher_dir)!r} and model.student={str(student_dir)!r} use "
-                          f"different tokenizers ({len(tv)} vs {len(sv)} tokens, {diff} entries differ, "
-                          f"eos {t.eos_token_id} vs {s.eos_token_id}); distillation needs one shared vocabulary")
-    return len(sv)
+                          f"different tokenizers ({'; '.join(problems)}); distillation needs one shared vocabulary")
+    if renamed:
+        log(f"warning: {len(renamed)} added special tokens are named differently in the teacher's and the "
+            f"student's tokenizer (e.g. id {renamed[0]}: {t_by_id[renamed[0]]!r} vs {s_by_id[renamed[0]]!r}); "
+            "their ids agree, so rlkd goes on")
+    return len(s)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,15 +8,33 @@ import torch
 from rlkd.batch import SequenceBatch, pick
 
 
+class TokenizerVocabulary:
+    """Logits processor that keeps sampling below `vocab_size`: models pad their embedding matrix past the
+    tokenizer (Qwen2.5: 151,665 tokens, 151,936 rows), and an id from a padding row matches no token."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, self.vocab_size:] = float("-inf")
+        return scores
+
+
 @torch.no_grad()
 def hf_generate(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_new_tokens: int,
                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, no_repeat_ngram_size: int = 0,
-                batch_size: int = 64) -> tuple[list[list[int]], list[list[float]]]:
-    """Sample one response per prompt (cut after the first EOS, which is kept).
+                batch_size: int = 64, vocab_size: int | None = None) -> tuple[list[list[int]], list[list[float]]]:
+    """Sample one response per prompt (cut after the first EOS, which is kept), only ids below
+    `vocab_size` (the tokenizer's length; default: every row of the model).
 
-    Log-probs are of the chosen tokens under the raw model (temperature 1, no processors), the
-    same quantity vLLM's default `raw_logprobs` mode and the learners compute.
+    Log-probs are of the chosen tokens under the raw model (temperature 1, no processors) over the
+    tokenizer's ids, the same quantity the learners compute.
     """
+    from transformers import LogitsProcessorList
+
+    rows = model.get_output_embeddings().weight.shape[0]
+    vocab = min(vocab_size or rows, rows)
+    processors = LogitsProcessorList([TokenizerVocabulary(vocab)] if vocab < rows else [])
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     responses, logprobs = [], []
@@ -29,9 +47,9 @@ def hf_generate(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_n
             attention_mask=packed.attention_mask[:, :width].to(device),
             do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
             no_repeat_ngram_size=no_repeat_ngram_size or None, pad_token_id=pad_id, eos_token_id=eos_id,
-            output_logits=True, return_dict_in_generate=True)
+            output_logits=True, return_dict_in_generate=True, logits_processor=processors)
         new = out.sequences[:, width:].cpu()
-        raw = torch.stack(out.logits, 1).float().log_softmax(-1).cpu()  # (B, T, V)
+        raw = torch.stack(out.logits, 1)[..., :vocab].float().log_softmax(-1).cpu()  # (B, T, V)
         r, lp = cut_at_eos(new, eos_id, pick(raw, new))
         responses += r
         logprobs += lp
