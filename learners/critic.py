@@ -32,5 +32,13 @@ class CriticHeads(nn.Module):
         self.heads = nn.ModuleDict({n: _head(hidden, vocab, network) for n in names})
         self.bound = bound
 
-    def forward(self, name: str, hidden: torch.Tensor) -> torch.Tensor:  # (B, R, H) -> (B, R, V)
-        return self.bound * torch.tanh(self.heads[name](hidden.float()))
+    def forward(self, name: str, hidden: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, R, H) -> f over the vocabulary (B, R, V), or only at `index` (B, R, k): a top-k teacher's
+        ids, by gathering those rows of the output layer, so no (B, R, V) tensor is made."""
+        head, h = self.heads[name], hidden.float()
+        if index is None:
+            return self.bound * torch.tanh(head(h))
+        if isinstance(head, nn.Sequential):  # mlp: the hidden layer, then the output rows at `index`
+            h, head = head[1](head[0](h)), head[2]
+        out = torch.einsum("brh,brkh->brk", h, head.weight[index]) + head.bias[index]
+        return self.bound * torch.tanh(out)

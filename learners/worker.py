@@ -112,7 +112,8 @@ class LearnerWorker:
         critic = adapted = None
         if use_critic:
             with torch.set_grad_enabled("critic" in targets):
-                critic = self.critic(name, teacher.hidden if self.critic_reads_teacher else hidden.detach())
+                h = teacher.hidden if self.critic_reads_teacher else hidden.detach()
+                critic = self.critic(name, h, None if teacher is None else teacher.index)
         if self.adapted is not None:
             with torch.set_grad_enabled("teacher" in targets):
                 adapted = torch.log_softmax(response_forward(self.adapted, batch, self.vocab_size)[0], -1)

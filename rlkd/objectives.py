@@ -105,7 +105,10 @@ def minillm_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext, gam
 # AMMD (docs/algorithms.md#ammd, all [R]): min_θ max_f  β·d_off(θ, f_off) + (1−β)·d_on(θ, f_on)
 
 def _critic_on_support(critic: torch.Tensor, teacher: TeacherScores) -> torch.Tensor:
-    return critic if teacher.index is None else critic.gather(-1, teacher.index)
+    """f on the teacher's support; learners already evaluate it only at the top-k ids (then k wide)."""
+    if teacher.index is None or critic.shape[-1] == teacher.index.shape[-1]:
+        return critic
+    return critic.gather(-1, teacher.index)
 
 
 def ammd_gaps(f: StudentForward) -> torch.Tensor:
