@@ -119,10 +119,15 @@ class RolloutConfig:
     """GPUs reserved by each rollout actor (0 on CPU machines)."""
 
 
+LARGE_VOCAB, DEFAULT_LARGE_VOCAB_TOPK = 32_768, 64  # teacher.topk: null
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
-    topk: int = 0
-    """Ship the teacher's top-k log-probs plus the tail mass per token; 0 ships the full distribution."""
+    topk: int | None = None
+    """Ship the teacher's top-k log-probs plus the tail mass per token; 0 ships the full distribution.
+    null: the full distribution up to a 32,768-token vocabulary, else the top 64 (a full fp32 distribution
+    at 150k tokens is about 600 KB per token; the top 64 in bf16 with int32 ids, 392 bytes)."""
     temperature: float = 1.0
     """Temperature applied to teacher logits inside rlkd (independent of the student's)."""
     num_actors: int = 1
@@ -131,6 +136,12 @@ class TeacherConfig:
     """CPUs reserved by each teacher actor."""
     num_gpus: float = 0.0
     """GPUs reserved by each teacher actor (0 on CPU machines)."""
+
+    def topk_for(self, vocab_size: int) -> int:
+        """The k actually used with a tokenizer of `vocab_size` (0: the full distribution)."""
+        if self.topk is not None:
+            return self.topk
+        return 0 if vocab_size <= LARGE_VOCAB else DEFAULT_LARGE_VOCAB_TOPK
 
 
 CRITIC_LR_RATIO = 10.0  # the critic/student learning-rate ratio when learner.critic_lr is null
@@ -379,7 +390,8 @@ def validate(cfg: Config) -> None:
     check(0 < r.vllm_memory_fraction < 1, "rollout.vllm_memory_fraction", r.vllm_memory_fraction, "in (0, 1)")
     positive(r, "rollout", ["vllm_cpu_kv_cache_gib"])
     positive(cfg.teacher, "teacher", ["temperature", "num_actors", "num_cpus"])
-    positive(cfg.teacher, "teacher", ["topk"], allow_zero=True)
+    if cfg.teacher.topk is not None:
+        positive(cfg.teacher, "teacher", ["topk"], allow_zero=True)
     for sec in ("rollout", "teacher", "learner"):
         positive(getattr(cfg, sec), sec, ["num_gpus"], allow_zero=True)
     lr = cfg.learner

@@ -77,9 +77,9 @@ def _start_teachers(cfg: Config, prep: Prepared, options: Callable) -> list:
 
     from actors.teacher import TeacherActor
 
-    tok, t = prep.tokenizer, cfg.teacher
+    tok, t, v = prep.tokenizer, cfg.teacher, prep.vocab_size
     return [ray.remote(TeacherActor).options(**options("teacher", i, t), max_task_retries=cfg.run.max_actor_restarts)
-            .remote(str(prep.teacher_dir), prep.vocab_size, tok.pad_token_id, tok.eos_token_id, t.topk, t.temperature,
+            .remote(str(prep.teacher_dir), v, tok.pad_token_id, tok.eos_token_id, t.topk_for(v), t.temperature,
                     cfg.model.trust_remote_code) for i in range(t.num_actors)]
 
 
