@@ -20,6 +20,15 @@ from rlkd.forward import response_forward, token_logprobs
 from rlkd.objectives import ObjectiveContext
 
 
+def _resolve(value):
+    """An ObjectRef straight from a teacher actor, or the scores themselves (in-process, no Ray)."""
+    if type(value).__module__.startswith("ray"):
+        import ray
+
+        return ray.get(value)
+    return value
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,11 +105,9 @@ class LearnerWorker:
         """Store this rank's shard in `slot`, on the learner's device. Teacher scores may arrive as
         ObjectRefs straight from the teacher actors (never through the driver). With `snapshot_old_logp`,
         record log q_old of the response tokens now, before any update (PPO's ratio denominator)."""
-        import ray
-
         device = self.student.device  # the engine's device: batches and scores arrive on the host
         batches = {k: b.to(device) for k, b in batches.items()}
-        scores = {k: (ray.get(v) if isinstance(v, ray.ObjectRef) else v).to(device) for k, v in teacher.items()}
+        scores = {k: _resolve(v).to(device) for k, v in teacher.items()}
         old = {k: self.logprobs(b) for k, b in batches.items()} if snapshot_old_logp else {}
         self.slots[slot] = Slot(batches, scores, n_tokens, old)
 
