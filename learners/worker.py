@@ -29,6 +29,15 @@ def _resolve(value):
     return value
 
 
+def _peak_gib() -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, else the resident set (ru_maxrss, KiB)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -185,6 +194,7 @@ class LearnerWorker:
         out = self._global(metrics)
         if collapse and "student" in targets:
             out.update(self._collapse(fwd))
+        out["memory/learner_peak_gib"] = _peak_gib()  # this rank's; every rank holds the same shapes
         return out
 
     def _collapse(self, fwd: dict[str, StudentForward]) -> dict[str, float]:

@@ -15,7 +15,8 @@ from collections.abc import Callable
 _HELP = {"timing": "seconds spent in this phase of the step", "loss": "training loss",
          "ammd": "AMMD moment-matching distance or critic statistic", "throughput": "tokens per second",
          "tokens": "tokens this step", "collapse": "collapse detector on the step's batch",
-         "invariant": "1 while the training invariant holds, 0 when broken"}
+         "invariant": "1 while the training invariant holds, 0 when broken",
+         "memory": "peak memory of a learner rank in GiB (CUDA allocations on GPU, resident set on CPU)"}
 
 
 def gauge_name(key: str) -> str:
