@@ -59,7 +59,7 @@ class LearnerGroup:
     def student_weights_ref(self) -> ray.ObjectRef:
         """An object ref to rank 0's safetensors bytes of the full student."""
         refs = [w.student_weights.remote() for w in self.workers]
-        ray.wait(refs, num_returns=len(refs))
+        ray.wait(refs, num_returns=len(refs), fetch_local=False)  # the rollout actors fetch it
         return refs[0]
 
     def save_student(self, out_dir: str) -> None:

@@ -131,7 +131,7 @@ class ActorGroup:
     def spread(self, method: str, calls: list[tuple]) -> list:
         """One call per argument tuple, round-robin over the actors; ObjectRefs, once all are ready."""
         refs = [getattr(self.actors[i % len(self.actors)], method).remote(*args) for i, args in enumerate(calls)]
-        ray.wait(refs, num_returns=len(refs))
+        ray.wait(refs, num_returns=len(refs), fetch_local=False)  # the learners fetch them, not the driver
         return refs
 
     def update_weights(self) -> None:
