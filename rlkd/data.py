@@ -84,26 +84,34 @@ def read_examples(path: str | Path, max_rows: int = 0) -> tuple[list[Example], D
     """Parse a JSONL file; malformed rows are skipped and reported by line number."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"data file {str(path)!r} not found")
+        raise DataError(f"data file {str(path)!r} {'is a directory' if path.is_dir() else 'not found'}")
     report, examples = DataReport(str(path)), []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            if max_rows and report.rows >= max_rows:
-                break
-            report.rows += 1
-            try:
-                example, why = _parse_row(json.loads(line))
-            except json.JSONDecodeError as e:
-                example, why = None, f"invalid JSON ({e.msg})"
-            if example is None:
-                report.malformed.append((lineno, why))
-            else:
-                examples.append(example)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a UTF-8 byte-order mark is accepted
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {str(path)!r} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})"
+                        ) from None
+    if text.lstrip().startswith("["):
+        raise DataError(f"data file {str(path)!r} is a JSON array; rlkd reads JSONL, one JSON object per line "
+                        "(convert with: python -c \"import json,sys; [print(json.dumps(r)) for r in "
+                        "json.load(open(sys.argv[1]))]\" FILE > FILE.jsonl)")
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if max_rows and report.rows >= max_rows:
+            break
+        report.rows += 1
+        try:
+            example, why = _parse_row(json.loads(line))
+        except json.JSONDecodeError as e:
+            example, why = None, f"invalid JSON ({e.msg})"
+        if example is None:
+            report.malformed.append((lineno, why))
+        else:
+            examples.append(example)
     if not examples:
-        raise DataError(f"data file {str(path)!r} has no usable rows ({report.rows} rows read, "
-                        f"{len(report.malformed)} malformed)")
+        raise DataError(f"data file {str(path)!r} has no usable rows: {report.summary().split(': ', 2)[-1]}")
     return examples, report
 
 

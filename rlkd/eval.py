@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -214,9 +215,19 @@ def markdown(result: dict) -> str:
             f"{result['truncated_prompts']} prompts cut)\n\n" + "\n".join(lines + samples) + "\n")
 
 
+def _check_out(out: str) -> None:
+    p = Path(out).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"--out={out!r} is invalid: it is a file, not a directory")
+    existing = next(q for q in [p, *p.resolve().parents] if q.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out={out!r} is invalid: {existing} is not writable")
+
+
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
+        _check_out(args.out)  # before the evaluation: its results are never lost to a bad --out
         result = run_cli(args)
     except (ConfigError, DataError) as e:
         print(f"rlkd.eval: error: {e}", file=sys.stderr)

@@ -18,7 +18,15 @@ from rlkd.config import Config, to_dict
 from rlkd.controller import Controller, StepSettings
 from rlkd.data import PromptSampler
 from rlkd.eval import evaluate_dir, evaluate_model, sampler_from_dir, sampler_from_group
-from rlkd.outputs import format_table, make_run_dir, mark_completed, run_summary, write_json, write_yaml
+from rlkd.outputs import (
+    format_table,
+    make_run_dir,
+    mark_completed,
+    run_dir_for,
+    run_summary,
+    write_json,
+    write_yaml,
+)
 from rlkd.prepare import Prepared, prepare
 from rlkd.teacher_cache import TeacherGenerations
 
@@ -161,6 +169,8 @@ def run(cfg: Config, log: Callable = print, resume: Path | None = None, on_step:
 
     t_start = time.time()
     ckpt = checkpoint.resumable(resume) if resume is not None else None  # before any work: fail fast
+    if resume is None:
+        run_dir_for(cfg.run.output_dir, cfg.run.name, cfg.algo.method)  # fail before the slow preparation
     prep = prepare(cfg, log)
     steps_per_epoch = max(1, len(prep.train) // cfg.train.batch_size)
     method = build_method(cfg.algo, cfg.train.seed, cfg.train.steps, steps_per_epoch)

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config, args.overrides)
         from rlkd.launch import run
         run(cfg, resume=Path(args.resume) if args.resume else None)
-    except (ConfigError, DataError, FileExistsError) as e:
+    except (ConfigError, DataError) as e:
         print(f"rlkd: error: {e}", file=sys.stderr)
         return 2
     return 0

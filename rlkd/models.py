@@ -21,17 +21,33 @@ from rlkd.config import Config, ConfigError, TinyModelConfig
 EOS, PAD, UNK = "<|endoftext|>", "<|pad|>", "<|unk|>"
 
 
-def check_model_dir(path: str, name: str) -> Path:
-    """A local HF model directory: exists and holds a config.json (no hub lookups, ever).
-
-    `name` is how the user set it, e.g. 'config field model.student' or '--model'."""
+def check_model_dir(path: str, name: str, trust_remote_code: bool = False, log: Callable = print) -> Path:
+    """A local HF model directory, checked before any actor starts (no hub lookups, ever): a config.json,
+    weights (safetensors; .bin only with a warning), custom code only with trust_remote_code, and a
+    tokenizer that loads. `name` is how the user set it, e.g. 'config field model.student' or '--model'."""
     p = Path(path).expanduser()
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"{name}={path!r} is invalid: {why}")
     if not p.is_dir():
-        raise ConfigError(f"{name}={path!r} is invalid: directory not found "
-                          "(expected a local Hugging Face model directory)")
+        raise bad("directory not found (expected a local Hugging Face model directory)")
     if not (p / "config.json").is_file():
-        raise ConfigError(f"{name}={path!r} is invalid: no config.json in it "
-                          "(expected a local Hugging Face model directory)")
+        raise bad("no config.json in it (expected a local Hugging Face model directory)")
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad(f"its config.json is not valid JSON ({e})") from None
+    if "auto_map" in config and not trust_remote_code:
+        raise bad("the model needs its own code (config.json has auto_map); set model.trust_remote_code=true "
+                  "only if you trust that code")
+    if not any(p.glob("*.safetensors")):
+        if not any(p.glob("*.bin")):
+            raise bad("no weights in it (model.safetensors, or shards with model.safetensors.index.json)")
+        log(f"warning: {name}={path!r} has only .bin weights (pickles); safetensors are preferred")
+    try:
+        load_tokenizer(p, trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one line naming the field
+        raise bad(f"its tokenizer does not load ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     return p
 
 

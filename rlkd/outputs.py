@@ -5,6 +5,7 @@ The completion marker `COMPLETED` is written last; a directory without it is not
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -13,12 +14,37 @@ import yaml
 COMPLETED = "COMPLETED"
 
 
-def make_run_dir(output_dir: str, name: str, method: str) -> Path:
+def run_dir_for(output_dir: str, name: str, method: str) -> Path:
+    """Where a new run goes; a ConfigError if it cannot: the output directory is a file or not writable,
+    or the run directory exists already (a finished, running or interrupted run: each directory belongs
+    to one run)."""
+    from rlkd.checks import ConfigError
+
+    root = Path(output_dir).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"config field run.output_dir={output_dir!r} is invalid: it is a file, not a directory")
+    existing = next((p for p in [root, *root.parents] if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"config field run.output_dir={output_dir!r} is invalid: {existing} is not writable")
     run_name = name or f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = Path(output_dir).expanduser().resolve() / run_name
-    if (path / COMPLETED).exists():
-        raise FileExistsError(f"run.name={name!r}: {path} already holds a completed run; choose another name")
-    path.mkdir(parents=True, exist_ok=True)
+    path = root / run_name
+    if path.exists():
+        raise ConfigError(f"run.name={run_name!r}: {path} already exists; continue that run with "
+                          f"`python -m rlkd.main --resume {path}`, or choose another run.name")
+    return path
+
+
+def make_run_dir(output_dir: str, name: str, method: str) -> Path:
+    """Create the run's directory; it must not exist (two runs never share one, even when started together)."""
+    from rlkd.checks import ConfigError
+
+    path = run_dir_for(output_dir, name, method)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        raise ConfigError(f"run.name={path.name!r}: {path} was just created by another run; choose another "
+                          "run.name") from None
     return path
 
 

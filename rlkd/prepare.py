@@ -52,8 +52,9 @@ def prepare(cfg: Config, log: Callable = print) -> Prepared:
         teacher_dir, student_dir = embedded_models(
             cfg, data.source, lambda: [e.prompt + e.references[0] for e in data.train], sft, log)
     else:
-        teacher_dir = check_model_dir(cfg.model.teacher, "config field model.teacher")
-        student_dir = check_model_dir(cfg.model.student, "config field model.student")
+        trust = cfg.model.trust_remote_code
+        teacher_dir = check_model_dir(cfg.model.teacher, "config field model.teacher", trust, log)
+        student_dir = check_model_dir(cfg.model.student, "config field model.student", trust, log)
     vocab = check_same_tokenizer(teacher_dir, student_dir, cfg.model.trust_remote_code)
     check_positions(cfg, teacher_dir, student_dir)
     if cfg.algo.method == "okd":

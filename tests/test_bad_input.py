@@ -1,61 +1,91 @@
-"""Bad input: a clear one-line error, exit code 2, and no run directory that looks complete."""
+"""Bad input, table-driven: every case ends in one line `rlkd: error: ...` with its key words, exit code 2,
+and no run directory that looks complete. All of them fail before Ray starts, so the file runs in seconds."""
+import json
+import shutil
+
 import pytest
 
+from rlkd.eval import main as eval_main
 from rlkd.main import main
+from rlkd.outputs import COMPLETED
 
 
-@pytest.fixture
-def out_dir(tmp_path):
-    return tmp_path / "runs"
+@pytest.fixture()
+def files(tmp_path, tiny_models):
+    """Broken files and model directories, built once per test in tmp_path."""
+    (tmp_path / "bad.yaml").write_text("train:\n  steps: [1\n")
+    (tmp_path / "latin1.yaml").write_bytes(b"run:\n  name: caf\xe9\n")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"instruction": "caf\xe9", "output": "x"}\n')
+    (tmp_path / "array.jsonl").write_text('[{"instruction": "a", "output": "b"}]')
+    (tmp_path / "allbad.jsonl").write_text('{"instruction": "a"}\nnot json\n')
+    (tmp_path / "a_file").write_text("x")
+    teacher, student = tiny_models
+    for name, drop in (("no_weights", "model.safetensors"), ("no_tokenizer", "tokenizer.json")):
+        shutil.copytree(student, tmp_path / name)
+        (tmp_path / name / drop).unlink()
+        if name == "no_tokenizer":
+            (tmp_path / name / "tokenizer_config.json").unlink()
+    shutil.copytree(student, tmp_path / "custom_code")
+    cfg = json.loads((tmp_path / "custom_code" / "config.json").read_text())
+    (tmp_path / "custom_code" / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModel": "x.Y"}}))
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    return tmp_path
 
 
-def _run(capsys, out_dir, *overrides):
-    code = main(["--config", "configs/smoke.yaml", f"run.output_dir={out_dir}", *overrides])
+def _models(t, s):
+    return [f"model.teacher={t}", f"model.student={s}"]
+
+
+# (argv built from the files fixture and tiny_models, key words of the one line)
+CASES = {
+    "yaml syntax in the config file": (lambda f, m: ["--config", str(f / "bad.yaml")],
+                                       ["bad.yaml", "invalid YAML", "at line"]),
+    "yaml syntax in an override": (lambda f, m: ["train.steps=[1"], ["train.steps=[1", "not valid YAML"]),
+    "config file not UTF-8": (lambda f, m: ["--config", str(f / "latin1.yaml")], ["latin1.yaml", "not UTF-8", "byte"]),
+    "config file is a directory": (lambda f, m: ["--config", str(f)], ["is a directory"]),
+    "data file not UTF-8": (lambda f, m: [f"data.train_file={f / 'latin1.jsonl'}"], ["latin1.jsonl", "not UTF-8",
+                                                                                       "byte 20"]),
+    "data file is a JSON array": (lambda f, m: [f"data.train_file={f / 'array.jsonl'}"], ["JSON array", "JSONL"]),
+    "data path is a directory": (lambda f, m: [f"data.train_file={f}"], ["is a directory"]),
+    "every row malformed": (lambda f, m: [f"data.train_file={f / 'allbad.jsonl'}"], ["no usable rows", "line 1:",
+                                                                                      "line 2: invalid JSON"]),
+    "head_dim 0 (range before arithmetic)": (lambda f, m: ["model.tiny.head_dim=0"],
+                                             ["model.tiny.head_dim=0", ">= 32"]),
+    "negative steps named as such": (lambda f, m: ["train.steps=-1"], ["train.steps=-1", "> 0"]),
+    "output dir is a file": (lambda f, m: [f"run.output_dir={f / 'a_file'}"], ["run.output_dir", "is a file"]),
+    "run directory exists": (lambda f, m: [f"run.output_dir={f / 'runs'}", "run.name=taken"],
+                             ["'taken'", "already exists", "--resume"]),
+    "model without weights": (lambda f, m: _models(m[0], f / "no_weights"), ["model.student", "no weights"]),
+    "model without a tokenizer": (lambda f, m: _models(m[0], f / "no_tokenizer"), ["model.student",
+                                                                                    "tokenizer does not load"]),
+    "custom code without trust": (lambda f, m: _models(f / "custom_code", m[1]), ["model.teacher", "auto_map",
+                                                                                  "trust_remote_code"]),
+    "unknown method": (lambda f, m: ["algo.method=nope"], ["algo.method='nope'", "one of"]),
+    "unknown field": (lambda f, m: ["train.stepz=3"], ["unknown config field", "train.stepz"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line(case, files, tiny_models, capsys):
+    argv, words = CASES[case]
+    code = main([*argv(files, tiny_models), f"model.cache_dir={files / 'cache'}", "eval.num_examples=8"]
+                if "--config" not in argv(files, tiny_models) else argv(files, tiny_models))
     err = capsys.readouterr().err.strip().splitlines()
-    return code, err
+    assert code == 2 and len(err) == 1 and err[0].startswith("rlkd: error: "), err
+    assert all(w in err[0] for w in words), (err[0], words)
+    assert not list(files.rglob(COMPLETED))
 
 
-def _assert_clean_failure(code, err, out_dir, needle):
-    assert code == 2
-    assert len(err) == 1 and err[0].startswith("rlkd: error: ") and needle in err[0], err
-    assert not list(out_dir.rglob("COMPLETED"))
+def test_eval_checks_out_before_it_evaluates(files, tiny_models, capsys):
+    code = eval_main(["--model", str(tiny_models[1]), "--data", str(files / "allbad.jsonl"),
+                      "--out", str(files / "a_file")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--out=" in err[0] and "is a file" in err[0]
 
 
-def test_missing_model_directory(capsys, out_dir, tiny_models, tmp_path):
-    code, err = _run(capsys, out_dir, f"model.teacher={tiny_models[0]}", f"model.student={tmp_path / 'nope'}")
-    _assert_clean_failure(code, err, out_dir, "model.student=")
-    assert "directory not found" in err[0]
+def test_bom_is_accepted(tmp_path):
+    from rlkd.data import read_examples
 
-
-def test_mismatched_tokenizers(capsys, out_dir, tiny_models, other_tokenizer_model):
-    code, err = _run(capsys, out_dir, f"model.teacher={tiny_models[0]}", f"model.student={other_tokenizer_model}")
-    _assert_clean_failure(code, err, out_dir, "use different tokenizers")
-
-
-def test_unknown_method(capsys, out_dir):
-    code, err = _run(capsys, out_dir, "algo.method=distill-magic")
-    _assert_clean_failure(code, err, out_dir, "algo.method='distill-magic' is invalid: one of ['ammd'")
-
-
-def test_bad_config_field(capsys, out_dir):
-    code, err = _run(capsys, out_dir, "learner.zero_stag=2")
-    _assert_clean_failure(code, err, out_dir, "unknown config field 'learner.zero_stag'")
-
-
-def test_empty_dataset(capsys, out_dir, tmp_path):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("\n")
-    code, err = _run(capsys, out_dir, f"data.train_file={empty}")
-    _assert_clean_failure(code, err, out_dir, "has no usable rows")
-
-
-def test_okd_lora_targets_the_teacher_lacks(capsys, out_dir, tiny_models):
-    code, err = _run(capsys, out_dir, f"model.teacher={tiny_models[0]}", f"model.student={tiny_models[1]}",
-                     "algo.method=okd", "algo.okd.lora_targets=c_attn")
-    _assert_clean_failure(code, err, out_dir, "algo.okd.lora_targets='c_attn' is invalid")
-    assert "q_proj" in err[0]  # names what is allowed
-
-
-def test_teacher_mixed_sampling_needs_hf_backend(capsys, out_dir):
-    code, err = _run(capsys, out_dir, "algo.method=minillm", "rollout.backend=vllm")
-    _assert_clean_failure(code, err, out_dir, "algo.minillm.teacher_mix_alpha=0.2 is invalid")
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"instruction": "Say hi", "output": "hi"}\n')
+    examples, report = read_examples(tmp_path / "bom.jsonl")
+    assert len(examples) == 1 and not report.malformed
