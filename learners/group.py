@@ -18,12 +18,17 @@ from rlkd.batch import SequenceBatch
 
 class LearnerGroup:
     def __init__(self, num_ranks: int, num_cpus: float = 1.0, num_gpus: float = 0.0, placement: tuple | None = None,
-                 **setup_kwargs):
-        """placement: (an existing placement group, the bundle index of rank 0), e.g. a Tune trial's."""
+                 placement_timeout: float | None = None, **setup_kwargs):
+        """placement: (an existing placement group, the bundle index of rank 0), e.g. a Tune trial's.
+        placement_timeout: seconds to wait for the ranks' resources (None: forever)."""
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
         self.own_pg = placement is None
         self.pg, first = (placement_group([bundle] * num_ranks, strategy="PACK"), 0) if self.own_pg else placement
-        ray.get(self.pg.ready())
+        if placement_timeout is None:
+            ray.get(self.pg.ready())
+        elif not self.pg.wait(timeout_seconds=placement_timeout):
+            remove_placement_group(self.pg)
+            raise TimeoutError(f"{num_ranks} learner rank(s) of {bundle} could not be placed in {placement_timeout}s")
         cls = ray.remote(LearnerWorker)
         self.workers = [
             cls.options(num_cpus=num_cpus, num_gpus=num_gpus,

@@ -12,26 +12,58 @@ from dataclasses import dataclass
 import ray
 
 
-def connect_ray(num_cpus: int = 0, log: Callable = print) -> bool:
-    """Join RAY_ADDRESS / a running cluster, else start a local one with `num_cpus` (0 = all) logical
-    CPUs. Returns True if we started it (the caller then shuts it down)."""
+def connect_ray(num_cpus: int = 0, log: Callable = print, address: str | None = None) -> bool:
+    """Join a cluster only when asked: `address` (run.ray_address), RAY_ADDRESS (set under `ray job
+    submit`), or the cluster `ray start` recorded on this machine. Otherwise start a private local cluster
+    with `num_cpus` (0 = all) logical CPUs, which no other run joins (rlkd never uses address='auto',
+    which would join any Ray instance on the machine, another run's included). Returns True if we
+    started it (the caller then shuts it down)."""
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        log(f"ray: joined cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}")
-        return False
-    try:
-        ray.init(address="auto")
-        log("ray: joined the running cluster")
-        return False
-    except ConnectionError:
-        pass
+    target, source = address or os.environ.get("RAY_ADDRESS") or None, "run.ray_address" if address else "RAY_ADDRESS"
+    if target is None:
+        target, source = _ray_start_address(), "`ray start`"
+    if target is not None:
+        try:
+            ray.init(address=target)
+            log(f"ray: joined the cluster at {target} ({source})")
+            return False
+        except ConnectionError:
+            if source != "`ray start`":
+                raise
+            log(f"ray: the cluster `ray start` recorded ({target}) does not answer; starting a private one")
     num_cpus = num_cpus or os.cpu_count()
     # small CPU boxes: actors reserve ~1 CPU each and mostly wait on one another, so oversubscribe
-    ray.init(num_cpus=max(num_cpus, 4), include_dashboard=False, _node_ip_address="127.0.0.1")
-    log(f"ray: started a local cluster ({max(num_cpus, 4)} logical CPUs)")
+    ray.init(address="local", num_cpus=max(num_cpus, 4), include_dashboard=False, _node_ip_address="127.0.0.1")
+    log(f"ray: started a private local cluster ({max(num_cpus, 4)} logical CPUs)")
     return True
+
+
+def _ray_start_address() -> str | None:
+    """The address `ray start` wrote down on this machine (ray.init() with no address joins the same), if any."""
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        return find_bootstrap_address(None)
+    except Exception:  # noqa: BLE001 - a Ray without this helper: only explicit addresses are joined
+        return None
+
+
+def wait_placed(refs: list, timeout: float, what: str) -> list:
+    """ray.get that fails in `timeout` seconds with one line (the resources asked for, what is free)
+    instead of waiting forever for actors the cluster cannot place."""
+    from rlkd.checks import ConfigError
+
+    try:
+        return ray.get(refs, timeout=timeout)
+    except ray.exceptions.GetTimeoutError:
+        raise ConfigError(unplaced(what, timeout)) from None
+
+
+def unplaced(what: str, timeout: float) -> str:
+    free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+    return (f"{what} could not start within run.placement_timeout_s={timeout:g}s; the cluster has free {free}; "
+            "lower the actors' num_cpus/num_gpus or start fewer runs at once")
 
 
 # ---- the placement layout -------------------------------------------------------------------

@@ -235,6 +235,12 @@ class RunConfig:
     """CPUs for a locally started Ray cluster (0 = all); ignored when joining a cluster."""
     max_actor_restarts: int = 3
     """Times Ray restarts a dead rollout or teacher actor (max_restarts); the interrupted call is retried."""
+    ray_address: str | None = None
+    """Ray cluster to join (host:port). null: RAY_ADDRESS, else the cluster `ray start` recorded on this
+    machine, else a private local cluster that no other run joins."""
+    placement_timeout_s: float = 300.0
+    """A run whose actors the cluster cannot place within this many seconds stops with one line naming
+    what it asked for and what is free."""
 
 
 @dataclass(frozen=True)
@@ -435,6 +441,7 @@ def validate(cfg: Config) -> None:
     check(cfg.eval.num_examples <= d.val_size or (d.train_file is None and d.builtin == "skills"),
            "eval.num_examples", cfg.eval.num_examples, f"<= data.val_size={d.val_size}")
     positive(cfg.run, "run", ["num_cpus", "max_actor_restarts"], allow_zero=True)
+    positive(cfg.run, "run", ["placement_timeout_s"])
 
 
 def validate_algo(cfg: Config) -> None:

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from rlkd import checkpoint
 from rlkd.algorithms import Method, build_method
-from rlkd.cluster import ActorGroup, connect_ray, layout, placement
-from rlkd.config import Config, to_dict
+from rlkd.cluster import ActorGroup, connect_ray, layout, placement, resources, unplaced, wait_placed
+from rlkd.config import Config, ConfigError, to_dict
 from rlkd.controller import Controller, StepSettings
 from rlkd.data import PromptSampler
 from rlkd.eval import evaluate_dir, evaluate_model, sampler_from_dir, sampler_from_group
+from rlkd.loop import stop_on_sigterm
 from rlkd.outputs import (
     format_table,
     make_run_dir,
@@ -70,7 +71,8 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_ca
     teachers = _start_teachers(cfg, prep, options) if need_teacher else []
     rollouts = _start_rollouts(cfg, prep, m, options) if m.uses_rollouts else []
     learners = _start_learners(cfg, prep, m, (pg, where.first("learner")) if pg else None)
-    ray.get([x.ready.remote() for x in teachers + rollouts])
+    wait_placed([x.ready.remote() for x in teachers + rollouts], cfg.run.placement_timeout_s,
+                f"{len(teachers)} teacher and {len(rollouts)} rollout actor(s) ({where.bundles[2:]})")
     lc = cfg.learner
     log(f"actors: {len(teachers)} teacher, {len(rollouts)} rollout ({cfg.rollout.backend if rollouts else '-'}), "
         f"{lc.num_ranks} learner rank(s) ZeRO-{lc.zero_stage}, student {learners.num_params / 1e6:.2f}M params "
@@ -106,19 +108,29 @@ def _start_rollouts(cfg: Config, prep: Prepared, method: Method, options: Callab
 
 
 def _start_learners(cfg: Config, prep: Prepared, m: Method, placement_of_rank0: tuple | None):
-    from learners.group import LearnerGroup
-
     lc, adapted = cfg.learner, None
     if m.adapted_teacher is not None:  # OKD: the teacher + LoRA trains in the learner group
         o = m.adapted_teacher
         adapted = dict(teacher_dir=str(prep.teacher_dir), rank=o.lora_rank, scale=o.lora_scale,
                        targets=o.lora_targets, lr=o.teacher_lr)
+    try:
+        return _learner_group(cfg, prep, m, placement_of_rank0, adapted)
+    except TimeoutError:
+        what = f"{lc.num_ranks} learner rank(s) of {resources(lc.num_cpus, lc.num_gpus)}"
+        raise ConfigError(unplaced(what, cfg.run.placement_timeout_s)) from None
+
+
+def _learner_group(cfg: Config, prep: Prepared, m: Method, placement_of_rank0, adapted):
+    from learners.group import LearnerGroup
+
+    lc = cfg.learner
     return LearnerGroup(lc.num_ranks, lc.num_cpus, lc.num_gpus, student_dir=str(prep.student_dir),
                         vocab_size=prep.vocab_size, zero_stage=lc.zero_stage, student_lr=lc.student_lr,
                         critic_lr=lc.critic_lr_value, weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
                         critic_heads=m.critic_heads, critic_network=m.critic_network, critic_bound=m.critic_bound,
                         critic_hidden=_critic_hidden(cfg, prep, m), adapted_teacher=adapted, seed=cfg.train.seed,
-                        placement=placement_of_rank0, trust_remote_code=cfg.model.trust_remote_code)
+                        placement=placement_of_rank0, placement_timeout=cfg.run.placement_timeout_s,
+                        trust_remote_code=cfg.model.trust_remote_code)
 
 
 def _critic_hidden(cfg: Config, prep: Prepared, method: Method) -> int | None:
@@ -176,7 +188,8 @@ def run(cfg: Config, log: Callable = print, resume: Path | None = None, on_step:
     method = build_method(cfg.algo, cfg.train.seed, cfg.train.steps, steps_per_epoch)
     run_dir = Path(resume).resolve() if resume is not None else _new_run_dir(cfg, prep)
     log(f"run: {method.label} -> {run_dir}")
-    started = connect_ray(cfg.run.num_cpus, log)
+    started = connect_ray(cfg.run.num_cpus, log, cfg.run.ray_address)
+    stop_on_sigterm()  # after ray.init, whose own handler would dump core instead
     groups = None
     try:
         cache = TeacherGenerations(cfg, prep)

@@ -24,6 +24,33 @@ def read_metrics(run_dir: Path, up_to_step: int) -> list[dict]:
     return rows
 
 
+class Stopped(Exception):
+    """The run was stopped by a signal: the last step finished, the checkpoint a --resume will use."""
+
+    def __init__(self, signal_name: str, step: int, ckpt: Path | None, run_dir: Path):
+        self.signal_name, self.step, self.ckpt, self.run_dir = signal_name, step, ckpt, run_dir
+        where = f"checkpoint {ckpt.name} will be used" if ckpt else "no checkpoint yet, so it restarts from step 1"
+        super().__init__(f"stopped by {signal_name} after step {step}; {where}; continue with: "
+                         f"python -m rlkd.main --resume {run_dir}")
+
+    @property
+    def exit_code(self) -> int:
+        return 143 if self.signal_name == "SIGTERM" else 130
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (what `ray job stop` sends) stops the run like Ctrl-C: cleanly, with the resume command."""
+    import signal
+    import threading
+
+    def stop(signum, frame):
+        e = KeyboardInterrupt()
+        e.signal_name = "SIGTERM"
+        raise e
+    if threading.current_thread() is threading.main_thread():  # Tune runs trials in other threads
+        signal.signal(signal.SIGTERM, stop)
+
+
 class TrainLoop:
     """Steps `first..cfg.train.steps` of one run.
 
@@ -58,6 +85,7 @@ class TrainLoop:
         progress = Progress(total, self.first, cfg.train.log_every, self.log)
         watch = InvariantWatch(self.log)
         t0, paused = time.time(), 0.0  # paused: evaluation and checkpoint time, kept out of training time
+        done = self.first - 1  # the last finished step
         try:
             for step in range(self.first, total + 1):
                 m = self.controller.step(step)
@@ -79,6 +107,10 @@ class TrainLoop:
                 progress.update(m)
                 if self.on_step is not None:
                     self.on_step(m, ckpt)
+                done = step
+        except KeyboardInterrupt as e:  # SIGINT, or SIGTERM through rlkd.launch's handler
+            raise Stopped(getattr(e, "signal_name", "SIGINT"), done, checkpoint.latest(self.run_dir),
+                          self.run_dir) from None
         finally:
             progress.close()
             writer.close()

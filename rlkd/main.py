@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(_config_help()))
         return 0
     from rlkd.data import DataError
+    from rlkd.loop import Stopped
     try:
         if args.resume and args.config:
             raise ConfigError("--resume and --config exclude each other: a resumed run keeps its own config.yaml")
@@ -58,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"rlkd: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"rlkd: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt as e:  # before training started: nothing to resume
+        name = getattr(e, "signal_name", "SIGINT")
+        print(f"rlkd: stopped by {name} before training started", file=sys.stderr)
+        return 143 if name == "SIGTERM" else 130
     return 0
 
 

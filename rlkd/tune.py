@@ -201,7 +201,8 @@ def sweep(path: str, overrides: list[str] | tuple[str, ...] = (), log: Callable 
     bundles = trial_bundles(base_cfg)
     trainable = tune.with_resources(make_trainable(base, tc, sweep_dir),
                                     tune.PlacementGroupFactory(bundles, strategy="PACK"))
-    started = connect_ray(int(math.ceil(sum(b.get("CPU", 0) for b in bundles) * tc.max_concurrent)), log)
+    started = connect_ray(int(math.ceil(sum(b.get("CPU", 0) for b in bundles) * tc.max_concurrent)), log,
+                          base_cfg.run.ray_address)
     try:
         if tune.Tuner.can_restore(str(exp_dir)):
             log(f"tune: restoring the unfinished sweep in {exp_dir}")

@@ -113,3 +113,29 @@ def test_killed_actors_are_restarted_and_the_run_completes(ray_cluster, tmp_path
     assert (run_dir / COMPLETED).exists() and [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert rows[-1]["actors/restarts"] >= 1  # the restarted rollout actor was detected and resynced
     assert all(math.isfinite(v) for r in rows for v in r.values())
+
+
+def test_sigterm_stops_with_the_resume_command(tmp_path):
+    """What `ray job stop` sends: the run stops within seconds, says where it stopped and how to resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "rlkd.main", "--config", "configs/smoke.yaml", f"run.output_dir={tmp_path}",
+           "run.name=term", "train.steps=500", "train.checkpoint_every=2", f"model.cache_dir={tmp_path / 'cache'}"]
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=120)
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 143, err[-2000:]
+    assert last.startswith("rlkd: stopped by SIGTERM after step") and f"--resume {tmp_path / 'term'}" in last
+    assert time.time() - t0 < 60 and not (tmp_path / "term" / "COMPLETED").exists()

@@ -1,0 +1,29 @@
+"""Two runs on one machine, started 5 s apart: each keeps its own private Ray cluster, so neither joins,
+starves or shuts down the other, and both complete with their own results."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_two_runs_side_by_side(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    procs = []
+    for name in ("a", "b"):
+        cmd = [sys.executable, "-m", "rlkd.main", "--config", "configs/smoke.yaml", f"run.output_dir={tmp_path}",
+               f"run.name={name}", f"model.cache_dir={tmp_path / 'cache'}", "eval.num_examples=0",
+               "run.placement_timeout_s=120"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+        time.sleep(5)
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    for name, p, out in zip("ab", procs, outs):
+        assert p.returncode == 0, out[-3000:]
+        assert "started a private local cluster" in out and "joined" not in out
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert (tmp_path / name / "COMPLETED").exists() and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
