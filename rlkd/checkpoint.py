@@ -64,8 +64,27 @@ def load_state(path: Path) -> dict:
     return json.loads((Path(path) / "state.json").read_text())
 
 
-def resumable(run_dir: Path) -> Path:
-    """The checkpoint `--resume run_dir` continues from; a one-line ConfigError if there is none."""
+def damage(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be resumed (naming the file), or None if it is intact."""
+    state = Path(path) / "state.json"
+    try:
+        data = json.loads(state.read_text())
+    except FileNotFoundError:
+        return f"{state} is missing"
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"{state} is not valid JSON ({e})"
+    for key in ("step", "controller"):
+        if key not in data:
+            return f"{state} has no {key!r}"
+    for part in ("deepspeed", "rng"):
+        if not (Path(path) / part).is_dir():
+            return f"{Path(path) / part} is missing"
+    return None
+
+
+def resumable(run_dir: Path, log=print) -> Path:
+    """The checkpoint `--resume run_dir` continues from: the newest intact one (a damaged newer one is
+    reported and skipped); a one-line ConfigError if there is none."""
     from rlkd.config import ConfigError
 
     run_dir = Path(run_dir)
@@ -74,8 +93,16 @@ def resumable(run_dir: Path) -> Path:
                           "that `python -m rlkd.main` printed after 'run:'")
     if (run_dir / COMPLETED).exists():
         raise ConfigError(f"--resume {str(run_dir)!r}: that run already completed ({COMPLETED} is present)")
-    ckpt = latest(run_dir)
-    if ckpt is None:
+    candidates = sorted(_dir(run_dir).glob("step_*"), reverse=True)
+    if not candidates:
         raise ConfigError(f"--resume {str(run_dir)!r}: no complete checkpoint under {run_dir / 'checkpoints'} "
                           "(train.checkpoint_every=0, or the run stopped before its first checkpoint)")
-    return ckpt
+    problems = []
+    for path in candidates:
+        why = damage(path)
+        if why is None:
+            if problems:
+                log(f"rlkd: warning: {problems[0]}; resuming from the older intact checkpoint {path.name}")
+            return path
+        problems.append(why)
+    raise ConfigError(f"--resume {str(run_dir)!r}: no intact checkpoint ({'; '.join(problems)})")

@@ -187,6 +187,8 @@ def run(cfg: Config, log: Callable = print, resume: Path | None = None, on_step:
     steps_per_epoch = max(1, len(prep.train) // cfg.train.batch_size)
     method = build_method(cfg.algo, cfg.train.seed, cfg.train.steps, steps_per_epoch)
     run_dir = Path(resume).resolve() if resume is not None else _new_run_dir(cfg, prep)
+    if resume is not None:  # the harmless overrides a resume allows (rlkd.main) are recorded
+        write_yaml(run_dir / "config.yaml", to_dict(cfg))
     log(f"run: {method.label} -> {run_dir}")
     started = connect_ray(cfg.run.num_cpus, log, cfg.run.ray_address)
     stop_on_sigterm()  # after ray.init, whose own handler would dump core instead

@@ -29,6 +29,19 @@ def _config_help(obj=None, prefix: str = "") -> list[str]:
     return lines
 
 
+# what a resumed run may change: how long it runs and how it reports, never what a step computes
+RESUME_SAFE = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "eval.",
+               "run.num_cpus", "run.max_actor_restarts", "run.placement_timeout_s", "run.ray_address")
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    for ov in overrides:
+        key = ov.partition("=")[0].strip()
+        if not any(key == safe or (safe.endswith(".") and key.startswith(safe)) for safe in RESUME_SAFE):
+            raise ConfigError(f"--resume with override {ov!r}: it would change what the resumed run computes; "
+                              f"a resumed run may only change {', '.join(RESUME_SAFE)} (start a new run instead)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlkd.main", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         config = str(Path(args.resume) / "config.yaml") if args.resume else args.config
         if args.resume:
             from rlkd.checkpoint import resumable
-            resumable(Path(args.resume))  # a clear error before the config is even read
+            resumable(Path(args.resume), log=lambda *a: None)  # a clear error before the config is even read
+            check_resume_overrides(args.overrides)
         cfg = load_config(config, args.overrides)
         from rlkd.launch import run
         run(cfg, resume=Path(args.resume) if args.resume else None)
