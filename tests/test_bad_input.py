@@ -89,3 +89,36 @@ def test_bom_is_accepted(tmp_path):
     (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"instruction": "Say hi", "output": "hi"}\n')
     examples, report = read_examples(tmp_path / "bom.jsonl")
     assert len(examples) == 1 and not report.malformed
+
+
+def _fake_run(root, steps_ok, steps_broken):
+    """A run directory with checkpoints: intact ones, and ones whose state.json was cut short."""
+    (root / "config.yaml").write_text("train:\n  steps: 10\n")
+    for step in steps_ok + steps_broken:
+        ckpt = root / "checkpoints" / f"step_{step:06d}"
+        for part in ("deepspeed", "rng"):
+            (ckpt / part).mkdir(parents=True)
+        text = json.dumps({"step": step, "controller": {}})
+        (ckpt / "state.json").write_text(text if step in steps_ok else text[:9])
+    return root
+
+
+def test_resume_skips_a_damaged_checkpoint(tmp_path):
+    from rlkd.checkpoint import resumable
+
+    said = []
+    assert resumable(_fake_run(tmp_path, [2], [4]), log=said.append).name == "step_000002"
+    assert len(said) == 1 and "step_000004/state.json is not valid JSON" in said[0] and "step_000002" in said[0]
+
+
+def test_resume_with_no_intact_checkpoint_is_one_line(tmp_path, capsys):
+    assert main(["--resume", str(_fake_run(tmp_path, [], [2, 4]))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no intact checkpoint" in err[0] and "step_000004/state.json" in err[0]
+
+
+def test_resume_refuses_overrides_that_change_the_computation(tmp_path, capsys):
+    run_dir = _fake_run(tmp_path, [2], [])
+    assert main(["--resume", str(run_dir), "algo.method=fkl"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "algo.method=fkl" in err[0] and "train.steps" in err[0]
