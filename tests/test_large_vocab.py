@@ -1,4 +1,4 @@
-"""End to end at a real vocabulary: 151,665 tokens (a BPE tokenizer padded with added tokens), a Qwen2
+"""End to end at a real vocabulary: 151,665 tokens (a word-level tokenizer padded to that size), a Qwen2
 student with 151,936 embedding rows and a Llama teacher with 152,064, as Qwen2.5-0.5B and 7B have.
 AMMD, GKD, MiniLLM and OKD each run 3 steps through the whole pipeline (Ray, DeepSpeed, HF rollouts),
 with a top-k teacher and with the padding rows' logits made the largest, so a sampler that reached
@@ -19,11 +19,12 @@ VOCAB, STUDENT_ROWS, TEACHER_ROWS = 151_665, 151_936, 152_064
 def large_models(tmp_path_factory, examples):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from rlkd.models import train_tokenizer
+    from rlkd.models import train_word_tokenizer
 
     root = tmp_path_factory.mktemp("large")
-    tok = train_tokenizer([e.prompt + e.references[0] for e in examples], 512, root / "tok")
-    tok.add_tokens([f"<extra_{i}>" for i in range(VOCAB - len(tok))])
+    texts = [e.prompt + e.references[0] for e in examples]
+    words = len(train_word_tokenizer(texts, root / "tok"))  # pad with regular entries (added tokens load slowly)
+    tok = train_word_tokenizer(texts, root / "tok", extra=tuple(f"zz{i:06d}" for i in range(VOCAB - words)))
     assert len(tok) == VOCAB
     dirs = {}
     for role, rows, cls, conf in (("teacher", TEACHER_ROWS, LlamaForCausalLM, LlamaConfig),
