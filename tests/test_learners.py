@@ -63,7 +63,8 @@ def test_two_rank_zero2_matches_one_rank(ray_cluster, tiny_models, tiny_data):
     one, two = results
     for a, b in zip(one, two):
         assert a.keys() == b.keys()
-        for k in a:  # abs 1e-5: loss/pg is ~1e-2 and whitened, so fp32 reduction order shows at ~1e-6
+        for k in (k for k in a if not k.startswith("memory/")):  # peak memory differs by layout
+            # abs 1e-5: loss/pg is ~1e-2 and whitened, so fp32 reduction order shows at ~1e-6
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
     assert all(torch.isfinite(torch.tensor(list(m.values()))).all() for m in one)
 
@@ -108,5 +109,5 @@ def test_okd_two_rank_zero2_matches_one_rank(ray_cluster, tiny_models, tiny_data
         finally:
             group.shutdown()
     for a, b in zip(*results):
-        for k in a:
+        for k in (k for k in a if not k.startswith("memory/")):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k

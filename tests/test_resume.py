@@ -16,7 +16,7 @@ from rlkd.launch import run
 from rlkd.models import load_model
 from rlkd.outputs import COMPLETED
 
-VOLATILE = ("timing/", "throughput/", "train/wall_seconds", "checkpoint/seconds", "eval/seconds")
+VOLATILE = ("timing/", "throughput/", "train/wall_seconds", "checkpoint/seconds", "eval/seconds", "memory/")
 
 
 class Interrupted(Exception):
