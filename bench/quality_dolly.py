@@ -28,7 +28,7 @@ def dolly_section(methods: list[str], seeds: list[int], budget: int, smoke: bool
     from rlkd.prepare import prepare
 
     common = ["data.builtin=dolly", "data.max_prompt_tokens=96", "data.max_response_tokens=48", "eval.baselines=false",
-              "train.checkpoint_every=0", f"run.output_dir={work}"]
+              "eval.num_examples=64", "train.checkpoint_every=0", f"run.output_dir={work}"]  # Dolly holds out 64
     cfg = load_config(None, common)
     prep, data = prepare(cfg, log=lambda *a: None), load_data(cfg, log=lambda *a: None)
     val = data.val[:cfg.eval.num_examples]
