@@ -65,7 +65,7 @@ def _median(rows: list[dict], key: str) -> float:
 # the student's hidden state, which the bare loop implements (AMMD's default now reads the teacher's).
 DOLLY = ["data.builtin=dolly", "data.max_prompt_tokens=96", "data.max_response_tokens=48",
          "model.tiny.student_sft_steps=0", "algo.ammd.critic_input=student", "algo.ammd.critic_l2=0.0",
-         "algo.ammd.pg_coef=1.0", "learner.critic_lr=1e-3"]
+         "algo.ammd.pg_coef=1.0", "learner.critic_lr=1e-3", "eval.num_examples=0"]  # no evaluation here
 
 
 def measure(method_name: str, cfg_path: str, args, prep, trl_py) -> dict:
