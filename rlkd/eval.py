@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +22,7 @@ from rlkd.config import Config, ConfigError
 from rlkd.data import DataError, prompt_summary, read_examples, tokenize
 from rlkd.metrics import decode, sample_scores, summarize
 from rlkd.models import check_model_dir, check_same_tokenizer, load_tokenizer
+from rlkd.outputs import check_writable_dir
 
 
 def parse_args(argv):
@@ -215,19 +215,10 @@ def markdown(result: dict) -> str:
             f"{result['truncated_prompts']} prompts cut)\n\n" + "\n".join(lines + samples) + "\n")
 
 
-def _check_out(out: str) -> None:
-    p = Path(out).expanduser()
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"--out={out!r} is invalid: it is a file, not a directory")
-    existing = next(q for q in [p, *p.resolve().parents] if q.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out={out!r} is invalid: {existing} is not writable")
-
-
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
-        _check_out(args.out)  # before the evaluation: its results are never lost to a bad --out
+        check_writable_dir(args.out, "--out")  # before the evaluation: its results are never lost to a bad --out
         result = run_cli(args)
     except (ConfigError, DataError) as e:
         print(f"rlkd.eval: error: {e}", file=sys.stderr)

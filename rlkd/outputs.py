@@ -14,18 +14,27 @@ import yaml
 COMPLETED = "COMPLETED"
 
 
+def check_writable_dir(path: str, name: str) -> Path:
+    """An output directory that is not a file and that we can create or write into (its nearest existing
+    ancestor is writable); a ConfigError naming `name` otherwise."""
+    from rlkd.checks import ConfigError
+
+    root = Path(path).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{name}={path!r} is invalid: it is a file, not a directory")
+    existing = next(p for p in [root, *root.parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name}={path!r} is invalid: {existing} is not writable")
+    return root
+
+
 def run_dir_for(output_dir: str, name: str, method: str) -> Path:
     """Where a new run goes; a ConfigError if it cannot: the output directory is a file or not writable,
     or the run directory exists already (a finished, running or interrupted run: each directory belongs
     to one run)."""
     from rlkd.checks import ConfigError
 
-    root = Path(output_dir).expanduser().resolve()
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"config field run.output_dir={output_dir!r} is invalid: it is a file, not a directory")
-    existing = next((p for p in [root, *root.parents] if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"config field run.output_dir={output_dir!r} is invalid: {existing} is not writable")
+    root = check_writable_dir(output_dir, "config field run.output_dir")
     run_name = name or f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = root / run_name
     if path.exists():
