@@ -179,8 +179,37 @@ def _args(argv):
     ap.add_argument("--methods", default=",".join(_methods()), help="default: every method of rlkd.algorithms")
     ap.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="the learning-rate grid of every method's sweep")
     ap.add_argument("--dolly-methods", default="sft,fkl,ammd", help="methods of the Dolly section ('' skips it)")
+    ap.add_argument("--dolly-only", action="store_true",
+                    help="run only the Dolly section and splice it into an existing <out>.md / <out>.json")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality"))
     return ap.parse_args(argv)
+
+
+def dolly_only(a, log) -> int:
+    """Re-run the Dolly section alone; the skills tables already in <out>.md are kept as they are."""
+    import ray
+    from quality_dolly import dolly_section
+
+    from rlkd.cluster import connect_ray
+
+    md, js = Path(f"{a.out}.md"), Path(f"{a.out}.json")
+    if not md.is_file() or not js.is_file():
+        raise SystemExit(f"--dolly-only needs {md} and {js} from a full run")
+    t0, work = time.time(), Path(tempfile.mkdtemp(prefix="rlkd-quality-runs-"))
+    started = connect_ray(0, log=lambda *x: None)
+    try:
+        section = dolly_section(a.dolly_methods.split(","), list(range(a.seeds)), a.budget, False, work, log)
+    finally:
+        if started:
+            ray.shutdown()
+    section = section.replace("student steps)", f"student steps; `python bench/quality.py --dolly-only "
+                              f"--seeds {a.seeds} --budget {a.budget}`, {(time.time() - t0) / 60:.0f} min)", 1)
+    text = md.read_text().split("\n## Dolly", 1)[0].rstrip("\n") + "\n"
+    md.write_text(text + section)
+    record = json.loads(js.read_text())
+    js.write_text(json.dumps({**record, "dolly_md": section}, indent=1) + "\n")
+    print(section)
+    return 0
 
 
 def _train_all(methods, seeds, budget, smoke, work, preps, done, save, log) -> None:
@@ -199,6 +228,8 @@ def _train_all(methods, seeds, budget, smoke, work, preps, done, save, log) -> N
 
 def main(argv=None) -> int:
     a, t0, log = _args(argv), time.time(), print
+    if a.dolly_only:
+        return dolly_only(a, log)
     import ray
     from quality_dolly import dolly_section
     from quality_report import report
