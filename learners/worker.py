@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlkd.batch import SequenceBatch, StudentForward, TeacherScores
-from rlkd.forward import response_forward, token_logprobs
+from rlkd.batch import SequenceBatch, StudentForward, TeacherScores, pick, split_named
+from rlkd.forward import logsumexp, response_forward
 from rlkd.objectives import ObjectiveContext
 
 
@@ -38,6 +38,11 @@ def _peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _accumulate(sums: dict, metrics: dict) -> None:
+    for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -46,12 +51,20 @@ def free_port() -> int:
 
 @dataclass
 class Slot:
-    """One loaded shard: named batches, their teacher scores and global token counts."""
+    """One micro-batch of a loaded shard: named batches, their teacher scores and global token counts."""
     batches: dict[str, SequenceBatch]
     teacher: dict[str, TeacherScores]
     n_tokens: dict[str, float]
     old_logp: dict[str, torch.Tensor]  # PPO: log q_old before the first update
+    cache: bool = True  # keep no-grad student forwards (off with micro-batches: memory stays one micro-batch)
     frozen: dict[str, tuple] = field(default_factory=dict)  # no-grad student forwards, until the student steps
+
+
+def num_micro_batches(batches: dict[str, SequenceBatch], size: int | None) -> int:
+    """ceil(rows / size) for the largest named batch, at most the smallest one's rows (every micro-batch
+    holds every name); 1 without a size."""
+    rows = [len(b) for b in batches.values()]
+    return 1 if not size or not rows else max(1, min(-(-max(rows) // size), min(rows)))
 
 
 class LearnerWorker:
@@ -60,7 +73,8 @@ class LearnerWorker:
         self.critic = None
         self.adapted = None  # OKD: DeepSpeed engine of the teacher + LoRA
         self.critic_reads_teacher = False
-        self.slots: dict[str, Slot] = {}  # loaded shards by slot name: 'step' (training), 'val' (validation)
+        self.slots: dict[str, list[Slot]] = {}  # micro-batches by slot name: 'step' (training), 'val'
+        self.micro_batch_size: int | None = None
 
     def address(self) -> tuple[str, int]:
         import ray
@@ -71,8 +85,13 @@ class LearnerWorker:
               student_lr: float, critic_lr: float, weight_decay: float, grad_clip: float,
               critic_heads: tuple[str, ...] = (), critic_network: str = "linear", critic_bound: float = 1.0,
               critic_hidden: int | None = None, adapted_teacher: dict | None = None,
-              seed: int = 0, trust_remote_code: bool = False) -> int:
-        """Join the process group and build the DeepSpeed engines; returns the student's #params."""
+              seed: int = 0, trust_remote_code: bool = False, micro_batch_size: int | None = None,
+              gradient_checkpointing: bool = False) -> int:
+        """Join the process group and build the DeepSpeed engines; returns the student's #params.
+
+        `micro_batch_size`: rows per forward/backward of each named batch; the gradients of a shard's
+        micro-batches accumulate into one optimizer step. `gradient_checkpointing`: recompute the
+        student's layer activations in the backward pass (HF's non-reentrant checkpointing)."""
         import deepspeed
 
         from learners.critic import CriticHeads
@@ -87,6 +106,10 @@ class LearnerWorker:
         torch.manual_seed(seed)
         self.vocab_size, self.zero_stage = vocab_size, zero_stage
         model = load_model(student_dir, trust_remote_code)
+        self.micro_batch_size = micro_batch_size
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()  # HF checkpoints only in training mode; the tiny and real students have no dropout
         ds = dict(zero_stage=zero_stage, weight_decay=weight_decay, grad_clip=grad_clip, bf16=gpu)
         self.student, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                 config=deepspeed_config(lr=student_lr, **ds))
@@ -111,20 +134,23 @@ class LearnerWorker:
 
     def load_batch(self, batches: dict[str, SequenceBatch], teacher: dict, n_tokens: dict[str, float],
                    snapshot_old_logp: bool = False, slot: str = "step") -> None:
-        """Store this rank's shard in `slot`, on the learner's device. Teacher scores may arrive as
-        ObjectRefs straight from the teacher actors (never through the driver). With `snapshot_old_logp`,
-        record log q_old of the response tokens now, before any update (PPO's ratio denominator)."""
+        """Store this rank's shard in `slot`, on the learner's device, cut into micro-batches. Teacher
+        scores may arrive as ObjectRefs straight from the teacher actors (never through the driver). With
+        `snapshot_old_logp`, record log q_old of the response tokens now, before any update (PPO's ratio
+        denominator)."""
         device = self.student.device  # the engine's device: batches and scores arrive on the host
         batches = {k: b.to(device) for k, b in batches.items()}
         scores = {k: _resolve(v).to(device) for k, v in teacher.items()}
-        old = {k: self.logprobs(b) for k, b in batches.items()} if snapshot_old_logp else {}
-        self.slots[slot] = Slot(batches, scores, n_tokens, old)
+        n = num_micro_batches(batches, self.micro_batch_size)
+        self.slots[slot] = [
+            Slot(b, t, n_tokens, {k: self.logprobs(x) for k, x in b.items()} if snapshot_old_logp else {}, n == 1)
+            for b, t in zip(split_named(batches, n), split_named(scores, n))]
 
     def _forward(self, s: Slot, name: str, targets: tuple[str, ...]) -> StudentForward:
         batch, teacher = s.batches[name], s.teacher.get(name)
         use_critic = self.critic is not None and name in self.critic.module.heads
         student_hidden = use_critic and not self.critic_reads_teacher
-        logp, hidden = self._student_forward(s, name, "student" in targets, student_hidden)
+        logits, lse, hidden = self._student_forward(s, name, "student" in targets, student_hidden)
         critic = adapted = None
         if use_critic:
             with torch.set_grad_enabled("critic" in targets):
@@ -133,25 +159,27 @@ class LearnerWorker:
         if self.adapted is not None:
             with torch.set_grad_enabled("teacher" in targets):
                 adapted = torch.log_softmax(response_forward(self.adapted, batch, self.vocab_size)[0], -1)
-        return StudentForward(logp, batch.responses, batch.response_mask, teacher, critic, batch.rollout_logprobs,
-                              batch.behavior_logprobs, s.old_logp.get(name), adapted)
+        return StudentForward(logits, batch.responses, batch.response_mask, teacher, critic, batch.rollout_logprobs,
+                              batch.behavior_logprobs, s.old_logp.get(name), adapted, lse=lse)
 
     def _student_forward(self, s: Slot, name: str, grad: bool, with_hidden: bool):
-        """Student log-probs (and hidden state) on batch `name`. Without a gradient the result is kept
+        """Student logits (model dtype), their fp32 logsumexp, and the hidden state on batch `name`: no
+        (B, R, V) fp32 log-softmax (docs/algorithms.md#conventions). Without a gradient the result is kept
         until the student steps or the slot is reloaded: the K critic updates of a step share one forward."""
         if not grad and name in s.frozen:
             return s.frozen[name]
         s.frozen.pop(name, None)  # a (B, R, V) tensor: never hold two at once
         with torch.set_grad_enabled(grad):
-            logits, hidden = response_forward(self.student, s.batches[name], self.vocab_size, with_hidden)
-            out = torch.log_softmax(logits, -1), hidden
-        if not grad:
+            logits, hidden = response_forward(self.student, s.batches[name], self.vocab_size, with_hidden, fp32=False)
+            out = logits, logsumexp(logits), hidden
+        if not grad and s.cache:
             s.frozen[name] = out
         return out
 
     def _student_moved(self) -> None:
-        for s in self.slots.values():
-            s.frozen.clear()
+        for parts in self.slots.values():
+            for s in parts:
+                s.frozen.clear()
 
     # ---- training ---------------------------------------------------------------------------
 
@@ -177,23 +205,30 @@ class LearnerWorker:
         for t in targets:
             if engines.get(t) is None:
                 raise ValueError(f"cannot train {t!r} on this learner")
-        s = self.slots[slot]
-        fwd = {k: self._forward(s, k, targets) for k in s.batches}
-        loss, metrics = objective(fwd, ObjectiveContext(s.n_tokens, self._all_reduce))
-        per_target = loss if isinstance(loss, dict) else {targets[0]: loss}
+        parts, sums, out = self.slots[slot], {}, {}
+        for i, s in enumerate(parts):  # gradients accumulate over the micro-batches; one step at the end
+            if len(parts) > 1:
+                for t in targets:
+                    engines[t].set_gradient_accumulation_boundary(i == len(parts) - 1)
+            fwd = {k: self._forward(s, k, targets) for k in s.batches}
+            loss, metrics = objective(fwd, ObjectiveContext(s.n_tokens, self._all_reduce))
+            per_target = loss if isinstance(loss, dict) else {targets[0]: loss}
+            for t in targets:
+                if not torch.isfinite(per_target[t]):
+                    raise FloatingPointError(f"non-finite {t} loss {per_target[t].item()} on rank {self.rank}")
+            for t in targets:  # separate graphs (the other model's output is detached in each loss)
+                engines[t].backward(per_target[t] * self.world_size)
+            if check_sync:
+                metrics.update(self._sync_gap(fwd, s.n_tokens))
+            _accumulate(sums, metrics)  # every metric is normalised by the global token count: they add up
+            if i == 0 and collapse and "student" in targets:  # the detectors of the first micro-batch
+                out.update(self._collapse(fwd))
+            del fwd, loss, per_target
         for t in targets:
-            if not torch.isfinite(per_target[t]):
-                raise FloatingPointError(f"non-finite {t} loss {per_target[t].item()} on rank {self.rank}")
-        for t in targets:  # separate graphs (the other model's output is detached in each loss)
-            engines[t].backward(per_target[t] * self.world_size)
             engines[t].step()
         if "student" in targets:
             self._student_moved()
-        if check_sync:
-            metrics.update(self._sync_gap(fwd, s.n_tokens))
-        out = self._global(metrics)
-        if collapse and "student" in targets:
-            out.update(self._collapse(fwd))
+        out.update(self._global(sums))
         out["memory/learner_peak_gib"] = _peak_gib()  # this rank's; every rank holds the same shapes
         return out
 
@@ -214,10 +249,11 @@ class LearnerWorker:
     @torch.no_grad()
     def evaluate(self, objective: Callable, slot: str = "step") -> dict[str, float]:
         """The objective's metrics on the shard in `slot`, without any update (validation losses)."""
-        s = self.slots[slot]
-        fwd = {k: self._forward(s, k, ()) for k in s.batches}
-        _, metrics = objective(fwd, ObjectiveContext(s.n_tokens, self._all_reduce))
-        return self._global(metrics)
+        sums = {}
+        for s in self.slots[slot]:
+            fwd = {k: self._forward(s, k, ()) for k in s.batches}
+            _accumulate(sums, objective(fwd, ObjectiveContext(s.n_tokens, self._all_reduce))[1])
+        return self._global(sums)
 
     def _global(self, metrics: dict) -> dict[str, float]:
         keys = sorted(metrics)
@@ -235,7 +271,8 @@ class LearnerWorker:
     @torch.no_grad()
     def logprobs(self, batch: SequenceBatch) -> torch.Tensor:
         """log q_θ(y_j) of the response tokens under the current student (PPO's log q_old snapshot)."""
-        return token_logprobs(response_forward(self.student, batch, self.vocab_size)[0], batch.responses)
+        logits = response_forward(self.student, batch, self.vocab_size, fp32=False)[0]
+        return pick(logits, batch.responses).float() - logsumexp(logits)
 
     # ---- weights ----------------------------------------------------------------------------
 

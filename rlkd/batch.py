@@ -129,6 +129,15 @@ def shard_named(named: dict, n: int) -> list[dict]:
     return [dict(zip(named, parts)) for parts in zip(*(v.shard(n) for v in named.values()))]
 
 
+def split_named(named: dict, n: int) -> list[dict]:
+    """Like shard_named, but the n contiguous row ranges may differ in size by one (micro-batches)."""
+    def ranges(v):
+        size = len(v.logp) if isinstance(v, TeacherScores) else len(v)
+        cuts = [size * i // n for i in range(n + 1)]
+        return [v.select(slice(a, b)) for a, b in zip(cuts, cuts[1:])]
+    return [dict(zip(named, parts)) for parts in zip(*(ranges(v) for v in named.values()))] if named else [{}] * n
+
+
 def _select(obj, rows):
     return replace(obj, **{f.name: getattr(obj, f.name)[rows] for f in fields(obj)
                            if isinstance(getattr(obj, f.name), torch.Tensor)})
@@ -144,18 +153,39 @@ def _shard(obj, n: int) -> list:
 
 @dataclass
 class StudentForward:
-    """What the learner computes on one SequenceBatch and hands to an objective."""
-    logp: torch.Tensor  # (B, R, V) log q_θ(a | s_j), differentiable when training the student
+    """What the learner computes on one SequenceBatch and hands to an objective.
+
+    `scores` holds full log-probs, or, when `lse` is given, the raw logits (model dtype) and their
+    fp32 log-normaliser: log q(a) = logits(a) − lse. Losses on a top-k teacher then only gather k
+    entries (`support_logp`), and no (B, R, V) fp32 log-softmax is made unless a loss needs the
+    whole vocabulary (`logp`).
+    """
+    scores: torch.Tensor  # (B, R, V) log q_θ(a | s_j), or logits when `lse` is set; differentiable when training
     targets: torch.Tensor  # (B, R) long: the response tokens y_j
     mask: torch.Tensor  # (B, R) float: response mask
     teacher: TeacherScores | None = None  # teacher distributions at the same positions
-    critic: torch.Tensor | None = None  # (B, R, V) f(s_j, a), differentiable when training the critic
+    critic: torch.Tensor | None = None  # (B, R, V) or (B, R, k) f(s_j, a), differentiable when training the critic
     rollout_logprobs: torch.Tensor | None = None  # (B, R) sampling-time log-probs, if on-policy
     behavior_logprobs: torch.Tensor | None = None  # (B, R) log-probs under the sampling mixture, if any
     old_logp: torch.Tensor | None = None  # (B, R) log q_θold(y_j) before this batch's first update (PPO)
     adapted_logp: torch.Tensor | None = None  # (B, R, V) OKD: the LoRA teacher's log-probs, computed in
     # the learner; differentiable (to the LoRA only) when training the teacher
+    lse: torch.Tensor | None = None  # (B, R) fp32 logsumexp of `scores` when they are logits
+
+    @property
+    def logp(self) -> torch.Tensor:  # (B, R, V) fp32 log q_θ(a | s_j) over the whole vocabulary
+        return self.scores if self.lse is None else self.scores.float() - self.lse.unsqueeze(-1)
+
+    def logp_at(self, index: torch.Tensor) -> torch.Tensor:  # (B, R, k) log q_θ at (B, R, k) ids
+        if self.lse is None:
+            return self.scores.gather(-1, index)
+        return self.scores.gather(-1, index).float() - self.lse.unsqueeze(-1)
+
+    def support_logp(self) -> torch.Tensor:
+        """Student log-probs on the teacher's support: (B, R, k) at its top-k ids, else (B, R, V)."""
+        t = self.teacher
+        return self.logp if t is None or t.index is None else self.logp_at(t.index)
 
     @property
     def token_logp(self) -> torch.Tensor:  # (B, R) log q_θ(y_j | s_j)
-        return pick(self.logp, self.targets)
+        return self.logp_at(self.targets.unsqueeze(-1)).squeeze(-1)

@@ -70,6 +70,8 @@ def validate(cfg) -> None:
     positive(lr, "learner", ["num_ranks", "student_lr", "num_cpus"])
     if lr.critic_lr is not None:
         positive(lr, "learner", ["critic_lr"])
+    if lr.micro_batch_size is not None:
+        positive(lr, "learner", ["micro_batch_size"])
     positive(lr, "learner", ["weight_decay", "grad_clip"], allow_zero=True)
     check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", lr.zero_stage, "one of [0, 1, 2, 3]")
     tr = cfg.train  # before the method's section, whose checks compare against train.steps

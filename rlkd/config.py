@@ -167,6 +167,13 @@ class LearnerConfig:
     """CPUs reserved by each learner rank."""
     num_gpus: float = 0.0
     """GPUs reserved by each learner rank (1 on GPU clusters: one rank per GPU)."""
+    micro_batch_size: int | None = None
+    """Rows of each named batch per forward/backward on a rank; null: the whole shard at once. Gradients
+    accumulate over a shard's micro-batches into one optimizer step, so the global batch and the step
+    are unchanged; the learner's memory then scales with this, not with train.batch_size. Exact for
+    token-mean losses; return whitening (MiniLLM, AMMD's pg term) uses each micro-batch's statistics."""
+    gradient_checkpointing: bool = False
+    """Recompute the student's layer activations in the backward pass (less memory, ~1/3 more compute)."""
 
     @property
     def critic_lr_value(self) -> float:

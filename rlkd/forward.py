@@ -41,3 +41,36 @@ def _keeps_logits(model) -> bool:
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] -> (B, R)."""
     return pick(torch.log_softmax(logits.float(), -1), targets)
+
+
+LSE_ROWS = 256  # positions per chunk of the chunked logsumexp: bounds its fp32 temporaries to 256 x V
+
+
+class _LogSumExp(torch.autograd.Function):
+    """logsumexp over the vocabulary in fp32, LSE_ROWS positions at a time. Neither direction keeps an
+    fp32 copy of the (B, R, V) logits: the backward rebuilds softmax chunk by chunk from the logits
+    (already alive for the LM head) and the saved (B, R) result."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        flat = logits.reshape(-1, logits.shape[-1])
+        out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        for i in range(0, flat.shape[0], LSE_ROWS):
+            out[i:i + LSE_ROWS] = torch.logsumexp(flat[i:i + LSE_ROWS].float(), -1)
+        ctx.save_for_backward(logits, out)
+        return out.view(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        logits, lse = ctx.saved_tensors
+        flat, g = logits.reshape(-1, logits.shape[-1]), grad.reshape(-1, 1).float()
+        out = torch.empty_like(flat)
+        for i in range(0, flat.shape[0], LSE_ROWS):
+            rows = slice(i, i + LSE_ROWS)
+            out[rows] = (g[rows] * torch.exp(flat[rows].float() - lse[rows].unsqueeze(-1))).to(out.dtype)
+        return out.view_as(logits)
+
+
+def logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """(B, R, V) logits of any dtype -> (B, R) fp32 log-normalisers, differentiable, in bounded memory."""
+    return _LogSumExp.apply(logits)

@@ -130,7 +130,8 @@ def _learner_group(cfg: Config, prep: Prepared, m: Method, placement_of_rank0, a
                         critic_heads=m.critic_heads, critic_network=m.critic_network, critic_bound=m.critic_bound,
                         critic_hidden=_critic_hidden(cfg, prep, m), adapted_teacher=adapted, seed=cfg.train.seed,
                         placement=placement_of_rank0, placement_timeout=cfg.run.placement_timeout_s,
-                        trust_remote_code=cfg.model.trust_remote_code)
+                        trust_remote_code=cfg.model.trust_remote_code, micro_batch_size=lc.micro_batch_size,
+                        gradient_checkpointing=lc.gradient_checkpointing)
 
 
 def _critic_hidden(cfg: Config, prep: Prepared, method: Method) -> int | None:

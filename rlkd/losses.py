@@ -33,17 +33,18 @@ def _log1mexp_sum(logp: torch.Tensor) -> torch.Tensor:
     return torch.log((1 - logp.exp().sum(-1)).clamp(min=1e-12))
 
 
-def on_support(student_logp: torch.Tensor, teacher: TeacherScores, with_tail: bool = True
+def on_support(student_logp: torch.Tensor, teacher: TeacherScores, with_tail: bool = True, gathered: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Student and teacher log-probs over the teacher's support.
 
     Full teacher: both (B, R, V). Top-k teacher: the student is gathered at the teacher's top-k
-    ids; with `with_tail` both get one more bin holding the remaining mass, so a divergence over
-    the k+1 bins is the exact divergence of the two distributions coarsened to those bins.
+    ids (`gathered`: it already was, (B, R, k)); with `with_tail` both get one more bin holding the
+    remaining mass, so a divergence over the k+1 bins is the exact divergence of the two
+    distributions coarsened to those bins.
     """
     if teacher.index is None:
         return student_logp, teacher.logp
-    s = student_logp.gather(-1, teacher.index)
+    s = student_logp if gathered else student_logp.gather(-1, teacher.index)
     if not with_tail:
         return s, teacher.logp
     s_tail = _log1mexp_sum(s).unsqueeze(-1)

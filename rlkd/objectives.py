@@ -48,7 +48,7 @@ def divergence_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext, 
     (jsd: lam, gjsd: beta, sfkl/srkl: lam). Top-k teacher scores compare over the top-k + tail bins.
     """
     f = fwd["train"]
-    s, t = losses.on_support(f.logp, f.teacher)
+    s, t = losses.on_support(f.support_logp(), f.teacher, gathered=True)
     loss = DIVERGENCES[divergence](s, t, f.mask, n_tokens=ctx.n_tokens["train"], **kw)
     return loss, {f"loss/{divergence}": loss.detach()}
 
@@ -94,7 +94,7 @@ def minillm_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext, gam
         returns = whiten(returns, f.mask, ctx.all_reduce)
     weights = None if f.behavior_logprobs is None else (f.old_logp - f.behavior_logprobs).exp()
     pg = losses.ppo_clip(f.token_logp, f.old_logp, returns, f.mask, clip, weights, n)
-    s, t = losses.on_support(f.logp, f.teacher)
+    s, t = losses.on_support(f.support_logp(), f.teacher, gathered=True)
     reg = losses.reverse_kl(s, t, f.mask, n)
     total = pg + reg if single_step_reg else pg
     return total, {"loss/pg": pg.detach(), "loss/reg": reg.detach(), "loss/policy": total.detach(),
@@ -114,7 +114,7 @@ def _critic_on_support(critic: torch.Tensor, teacher: TeacherScores) -> torch.Te
 def ammd_gaps(f: StudentForward) -> torch.Tensor:
     """Per-token δ_t = Σ_a (p* − q)(a)·f(a) on the teacher's support (top-k: no tail bin, since
     the critic has no value for 'every other token') -> (B, R)."""
-    s, t = losses.on_support(f.logp, f.teacher, with_tail=False)
+    s, t = losses.on_support(f.support_logp(), f.teacher, with_tail=False, gathered=True)
     return losses.moment_gap(s, t, _critic_on_support(f.critic, f.teacher))
 
 
@@ -170,13 +170,13 @@ def ammd_policy_objective(fwd, ctx: ObjectiveContext, beta: float, pg_coef: floa
         metrics["loss/pg"] = pg.detach()
     if anchor > 0:
         name = "off" if beta > 0 else "on"
-        s, t = losses.on_support(fwd[name].logp, fwd[name].teacher)
+        s, t = losses.on_support(fwd[name].support_logp(), fwd[name].teacher, gathered=True)
         kl = losses.forward_kl(s, t, fwd[name].mask, n_tokens=ctx.n_tokens[name])
         total = total + anchor * kl
         metrics["loss/anchor_fkl"] = kl.detach()
     for name, _ in _ammd_batches(beta):
         f = fwd[name]  # the true TV bounds the estimate: d <= 2·bound·TV; the ratio is the critic's efficiency
-        s, t = losses.on_support(f.logp.detach(), f.teacher)
+        s, t = losses.on_support(f.support_logp().detach(), f.teacher, gathered=True)
         metrics[f"ammd/tv_{name}"] = losses.total_variation(s, t, f.mask, n_tokens=ctx.n_tokens[name])
         saturated = (f.critic.detach().abs() >= 0.99 * bound).float().mean(-1)
         metrics[f"ammd/critic_saturated_{name}"] = losses.token_mean(saturated, f.mask, ctx.n_tokens[name])

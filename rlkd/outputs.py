@@ -30,15 +30,22 @@ def check_writable_dir(path: str, name: str) -> Path:
 
 def run_dir_for(output_dir: str, name: str, method: str) -> Path:
     """Where a new run goes; a ConfigError if it cannot: the output directory is a file or not writable,
-    or the run directory exists already (a finished, running or interrupted run: each directory belongs
-    to one run)."""
+    or the named run directory exists already (a finished, running or interrupted run: each directory
+    belongs to one run). A generated name (no run.name) never collides: runs started in the same second
+    get -2, -3, ..."""
     from rlkd.checks import ConfigError
 
     root = check_writable_dir(output_dir, "config field run.output_dir")
-    run_name = name or f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = root / run_name
+    if not name:
+        stamp = f"{method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path, i = root / stamp, 1
+        while path.exists():
+            i += 1
+            path = root / f"{stamp}-{i}"
+        return path
+    path = root / name
     if path.exists():
-        raise ConfigError(f"run.name={run_name!r}: {path} already exists; continue that run with "
+        raise ConfigError(f"run.name={name!r}: {path} already exists; continue that run with "
                           f"`python -m rlkd.main --resume {path}`, or choose another run.name")
     return path
 
@@ -47,14 +54,17 @@ def make_run_dir(output_dir: str, name: str, method: str) -> Path:
     """Create the run's directory; it must not exist (two runs never share one, even when started together)."""
     from rlkd.checks import ConfigError
 
-    path = run_dir_for(output_dir, name, method)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        path.mkdir()
-    except FileExistsError:
-        raise ConfigError(f"run.name={path.name!r}: {path} was just created by another run; choose another "
-                          "run.name") from None
-    return path
+    for _ in range(100):  # a generated name taken between the check and the mkdir: take the next one
+        path = run_dir_for(output_dir, name, method)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            if name:
+                break
+    raise ConfigError(f"run.name={path.name!r}: {path} was just created by another run; choose another "
+                      "run.name")
 
 
 def write_yaml(path: Path, data: dict) -> None:

@@ -27,3 +27,18 @@ def test_two_runs_side_by_side(tmp_path):
         assert "started a private local cluster" in out and "joined" not in out
         rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert (tmp_path / name / "COMPLETED").exists() and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+
+
+def test_generated_run_names_never_collide(tmp_path, monkeypatch):
+    """Runs started in the same second without run.name get <method>-<time>, then -2, -3; a chosen name
+    that exists stays an error."""
+    import pytest
+
+    from rlkd import outputs
+    from rlkd.checks import ConfigError
+
+    monkeypatch.setattr(outputs.time, "strftime", lambda fmt: "20261124-120000")
+    paths = [outputs.make_run_dir(str(tmp_path), "", "gkd") for _ in range(3)]
+    assert [p.name for p in paths] == ["gkd-20261124-120000", "gkd-20261124-120000-2", "gkd-20261124-120000-3"]
+    with pytest.raises(ConfigError, match="already exists"):
+        outputs.make_run_dir(str(tmp_path), "gkd-20261124-120000", "gkd")

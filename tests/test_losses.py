@@ -267,7 +267,7 @@ def test_ammd_objectives_against_hand_formula():
 def test_ammd_critic_l2_optimum_is_the_scaled_gap():
     """With the output penalty, the critic loss is stationary exactly at f = (p* − q)/(2·l2) (here l2 = 2)."""
     on, _ = _fwd(3, True)
-    on = dataclasses.replace(on, logp=on.logp.detach())
+    on = dataclasses.replace(on, scores=on.logp.detach())
     ctx = ObjectiveContext({"on": on.mask.sum().item()})
     gap = (on.teacher.logp.exp() - on.logp.exp()) / 4.0
 
