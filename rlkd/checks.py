@@ -83,8 +83,6 @@ def validate(cfg) -> None:
            f"a multiple of learner.num_ranks={lr.num_ranks} (the global batch is split evenly)")
     positive(cfg.eval, "eval", ["num_examples", "no_repeat_ngram_size", "every_steps"], allow_zero=True)
     positive(cfg.eval, "eval", ["num_seeds"])
-    check(cfg.eval.num_examples <= d.val_size or (d.train_file is None and d.builtin == "skills"),
-           "eval.num_examples", cfg.eval.num_examples, f"<= data.val_size={d.val_size}")
     positive(cfg.run, "run", ["num_cpus", "max_actor_restarts"], allow_zero=True)
     positive(cfg.run, "run", ["placement_timeout_s"])
 
