@@ -8,7 +8,7 @@ gives at this vocabulary; the objective is forward KL on them. Each configuratio
 process on one gloo rank (LearnerWorker built in-process, no Ray). Peak = the highest resident set
 sampled every 5 ms during the step, minus the resident set just before it (model, optimizer and the
 loaded batch are in the baseline). `--before-tree` also runs each shape against another checkout
-(e.g. `git worktree add /tmp/before 203b11d`: the learner before micro-batches and the chunked logsumexp).
+(e.g. `git worktree add /tmp/before d4ddf34`: the learner before micro-batches and the chunked logsumexp).
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def one(student: str, rows: int, micro: int, checkpointing: bool) -> dict:
 
     torch.manual_seed(0)
     w = LearnerWorker(0, 1)
-    extra = {"micro_batch_size": micro or None, "gradient_checkpointing": checkpointing} if micro or checkpointing else {}
+    new = {"micro_batch_size": micro or None, "gradient_checkpointing": checkpointing}
+    extra = new if micro or checkpointing else {}  # the code before has neither argument
     w.setup("127.0.0.1", free_port(), student, TOKENIZER, 0, 1e-4, 1e-3, 0.0, 1.0, **extra)
     ids = torch.randint(0, TOKENIZER, (rows, PROMPT + RESPONSE))
     batch = SequenceBatch(ids, torch.ones_like(ids), torch.ones(rows, RESPONSE), PROMPT)
@@ -109,7 +110,7 @@ def main() -> int:
             print(json.dumps(r), flush=True)
     lines = ["# Learner peak memory at V = 151,936", "",
              f"`python bench/learner_memory.py{' --before-tree ' + a.before_tree if a.before_tree else ''}`: "
-             f"{__doc__.split(chr(10) + chr(10))[1]}", "",
+             " ".join(__doc__.split(chr(10) + chr(10))[2].split()), "",
              "| code | batch x length | micro-batch | checkpointing | step peak (GiB) | step (s) | loss |",
              "|---|---|---|---|---|---|---|"]
     for r in results:

@@ -121,6 +121,17 @@ def _may_need_teacher(method) -> bool:
 
 # ---- actor groups ---------------------------------------------------------------------------
 
+@dataclass
+class Pending:
+    """A submitted ActorGroup call: its arguments (to run it again) and the weights version it was sent at."""
+    method: str
+    items: list
+    seed: int
+    kwargs: dict
+    refs: list
+    version: int
+
+
 class ActorGroup:
     """Ray actors of one role that act as one: work is split over them in order and gathered back.
 
@@ -142,23 +153,40 @@ class ActorGroup:
     def split(self, method: str, items: list, seed: int, **kwargs) -> dict[str, list]:
         """`method(chunk, seed=seed_i, **kwargs)` on each actor with its share of `items`; the outputs'
         lists are concatenated in the order of `items`."""
+        return self.collect(self.submit(method, items, seed, **kwargs))
+
+    def submit(self, method: str, items: list, seed: int, **kwargs) -> Pending:
+        """Start `split` without waiting: the actors work while the caller does something else."""
         n = len(self.actors)
         chunks = [items[i * len(items) // n:(i + 1) * len(items) // n] for i in range(n)]
+        refs = [getattr(a, method).remote(c, seed=seed + i * 7919, **kwargs)
+                for i, (a, c) in enumerate(zip(self.actors, chunks)) if c]
+        return Pending(method, items, seed, kwargs, refs, self.version)
+
+    def collect(self, pending: Pending) -> dict[str, list]:
+        """The outputs of a submitted call. The actors must still hold the weights version of the
+        submission (pending.version); a call that met a dead or restarted actor is recovered and run
+        again at the current version, which then becomes pending.version."""
         for attempt in range(self.max_retries + 1):
-            calls = [getattr(a, method).remote(c, seed=seed + i * 7919, **kwargs)
-                     for i, (a, c) in enumerate(zip(self.actors, chunks)) if c]
             try:
-                outs = ray.get(calls)
+                outs = ray.get(pending.refs)
             except ray.exceptions.RayActorError as e:
                 if attempt == self.max_retries:
                     raise
                 self._recover(f"an actor died ({type(e).__name__})")
+                pending = self._resubmit(pending)
                 continue
-            if all(o.get("version", self.version) == self.version for o in outs):
+            if all(o.get("version", pending.version) == pending.version for o in outs):
                 self.seconds = max(o.get("seconds", 0.0) for o in outs)
                 return {k: [x for o in outs for x in o[k]] for k in outs[0] if k not in ("seconds", "version")}
             self._recover("a restarted actor generated with its initial weights")
-        raise RuntimeError(f"{method} failed {self.max_retries + 1} times in a row (see the warnings above)")
+            pending = self._resubmit(pending)
+        raise RuntimeError(f"{pending.method} failed {self.max_retries + 1} times in a row (see the warnings above)")
+
+    def _resubmit(self, pending: Pending) -> Pending:
+        again = self.submit(pending.method, pending.items, pending.seed, **pending.kwargs)
+        pending.refs, pending.version = again.refs, again.version
+        return pending
 
     def spread(self, method: str, calls: list[tuple]) -> list:
         """One call per argument tuple, round-robin over the actors; ObjectRefs, once all are ready."""

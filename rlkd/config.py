@@ -105,8 +105,17 @@ class RolloutConfig:
     """Nucleus sampling threshold of student rollouts (1 = off)."""
     sync_every: int = 1
     """Push the student's weights to the rollout actors every this many steps."""
+    max_staleness: int = 0
+    """0: each step samples with the learners' current weights, then trains (strictly in sequence). 1: the
+    rollout actors generate step t+1 while the learners update on step t, so a batch may be one student
+    update old; stale tokens are importance-corrected where a method's gradient needs the sampling policy
+    (docs/algorithms.md#staleness). Needs sync_every 1."""
     sync_check_tol: float = 0.05
-    """Max mean |log-prob| gap between rollout engine and learner before the run fails (sync check)."""
+    """Max mean |log-prob| gap between rollout engine and learner before the run fails (sync check). fp32
+    engines agree to ~1e-5 (a stale copy misses by ~1). bf16 keeps 8 mantissa bits, so a logit near 10
+    is rounded by up to ~10·2^-9 ≈ 0.02, and vLLM's kernels and the learner add in different orders:
+    two correct bf16 copies can differ by a few hundredths per token (an estimate; not yet measured on a
+    GPU). 0.05 leaves room for that and still catches a missed or partial sync."""
     vllm_memory_fraction: float = 0.5
     """vLLM gpu_memory_utilization on GPU (share of GPU memory the engine may use)."""
     vllm_cpu_kv_cache_gib: float = 0.25

@@ -4,6 +4,11 @@
     cached teacher generations / student rollouts / teacher-mixed rollouts) -> settle (replay buffers)
     -> teacher scores -> K critic updates -> student update(s) -> weight sync -> (validation)
 
+With rollout.max_staleness = 1, the next step's prompts, plan and rollouts are submitted right after this
+step's batch is loaded, so the rollout actors generate step t+1 while the learners update on step t; step
+t+1 then trains on samples one student update old (metric rollout/version_lag), and the sync check runs
+only on batches sampled with the learners' current weights.
+
 It holds groups, not actors: `ActorGroup`s of teacher and rollout actors (rlkd.cluster) and a
 LearnerGroup-like object, so it never imports actors/ or learners/, and tests can hand it fakes.
 """
@@ -31,6 +36,18 @@ class StepSettings:
     pad_id: int
     seed: int
     vocab_size: int = 0  # for teacher-mixed sampling
+    max_staleness: int = 0  # 1: generate step t+1 during step t's updates
+
+
+@dataclass
+class Prefetch:
+    """Step `step`'s prompts and plan, drawn early, and its rollouts, submitted to the rollout actors."""
+    step: int
+    rows: list[TokenizedExample]
+    plan: dict[str, str]
+    pending: dict  # batch name -> rlkd.cluster.Pending
+    state: dict  # the controller's state before these rows were drawn: a checkpoint taken now replays them
+    policy_version: int  # student updates in the weights the rollout actors held at submission
 
 
 class Controller:
@@ -44,6 +61,10 @@ class Controller:
         self.synced = True  # rollout actors start from the learners' initial weights
         self.timings: dict[str, float] = {}
         self.generated_tokens = 0  # student tokens sampled this step (fresh rollouts, replayed or not)
+        self.policy_version = 0  # student updates so far
+        self.actor_version = 0  # student updates in the weights the rollout actors hold
+        self.lags: list[int] = []  # this step's rollout batches: student updates between sampling and training
+        self.prefetched: Prefetch | None = None
 
     @contextmanager
     def phase(self, name: str):
@@ -55,17 +76,22 @@ class Controller:
 
     def step(self, step: int) -> dict[str, float]:
         """Run training step `step` (1-based); returns its metrics, including timing/<phase>."""
-        m, metrics, self.timings, self.generated_tokens = self.method, {}, {}, 0
+        m, metrics, self.timings, self.generated_tokens, self.lags = self.method, {}, {}, 0, []
         t_start = time.perf_counter()
-        rows = self.sampler.next(self.s.batch_size)
-        plan = m.schedule.plan(step)
-        batches = m.schedule.settle(self.produce(plan, rows, step), len(rows), self.s.pad_id)
+        pre, self.prefetched = self.prefetched, None
+        if pre is not None and pre.step == step:
+            rows, plan = pre.rows, pre.plan
+        else:
+            pre, rows, plan = None, self.sampler.next(self.s.batch_size), m.schedule.plan(step)
+        batches = m.schedule.settle(self.produce(plan, rows, step, pre), len(rows), self.s.pad_id)
         shards = shard_named(batches, self.learners.size)
         n_tokens = {name: float(b.num_tokens()) for name, b in batches.items()}
         with self.phase("score"):
             self.learners.load_batch(shards, self.score(shards), n_tokens, m.snapshot_old_logp)
-        # sync check: fresh rollout log-probs must equal the learner's (replayed batches carry none)
-        check = self.synced and any(b.rollout_logprobs is not None for b in batches.values())
+        if self.s.max_staleness > 0 and self.rollouts:
+            self.prefetch(step + 1)  # the rollout actors generate step + 1 while the learners update
+        # sync check: fresh rollout log-probs must equal the learner's (replayed or stale batches carry none)
+        check = self.synced and not any(self.lags) and any(b.rollout_logprobs is not None for b in batches.values())
         if m.critic_objective is not None:
             metrics.update(self.critic_updates(check))
             check = False
@@ -77,12 +103,26 @@ class Controller:
             metrics["val/ce"] = self.validation_ce()
             m.schedule.on_validation(metrics["val/ce"])
         metrics.update(m.schedule.metrics())
+        if self.lags:
+            metrics["rollout/version_lag"] = float(max(self.lags))
+        if self.s.max_staleness > 0:
+            metrics["rollout/queue_depth"] = float(self.prefetched is not None and bool(self.prefetched.pending))
         return self._finish(step, metrics, n_tokens, t_start)
+
+    def prefetch(self, step: int) -> None:
+        """Draw step `step`'s prompts and plan now and submit its rollouts without waiting for them."""
+        state = self.state_dict()
+        rows, plan = self.sampler.next(self.s.batch_size), self.method.schedule.plan(step)
+        pending = {name: self._submit_rollout(rows, step, source == MIXED) for name, source in plan.items()
+                   if source in (ROLLOUT, MIXED)}
+        self.prefetched = Prefetch(step, rows, plan, pending, state, self.actor_version)
 
     # ---- phases -------------------------------------------------------------------------------
 
-    def produce(self, plan: dict[str, str], rows: list[TokenizedExample], step: int) -> dict[str, SequenceBatch]:
-        """The planned sequences for the step's prompts (REPLAY batches come from the schedule's buffer)."""
+    def produce(self, plan: dict[str, str], rows: list[TokenizedExample], step: int, pre: Prefetch | None = None
+                ) -> dict[str, SequenceBatch]:
+        """The planned sequences for the step's prompts (REPLAY batches come from the schedule's buffer;
+        rollouts submitted by `prefetch` are collected)."""
         out = {}
         for name, source in plan.items():
             if source == GOLD:
@@ -92,25 +132,40 @@ class Controller:
                 out[name] = self._teacher_generated(rows, step)
             elif source in (ROLLOUT, MIXED):
                 with self.phase("rollout"):
-                    out[name] = self._rollout(rows, step, mixed=source == MIXED)
+                    if pre is not None and name in pre.pending:
+                        out[name] = self._collect_rollout(rows, pre.pending[name], pre.policy_version)
+                    else:
+                        out[name] = self._collect_rollout(rows, self._submit_rollout(rows, step, source == MIXED),
+                                                          self.actor_version)
             elif source != REPLAY:
                 raise ValueError(f"unknown data source {source!r}")
         return out
 
-    def _rollout(self, rows: list[TokenizedExample], step: int, mixed: bool = False) -> SequenceBatch:
+    def _submit_rollout(self, rows: list[TokenizedExample], step: int, mixed: bool):
         prompts, s = [r.prompt_ids for r in rows], self.s
         temperature = self.method.rollout_temperature or s.temperature
         seed = s.seed + 1_000_003 * step
         if mixed:
-            out = self.rollouts.split("generate_mixed", prompts, seed, max_new_tokens=s.max_new_tokens,
-                                      alpha=self.method.mix_alpha, vocab_size=s.vocab_size, temperature=temperature)
-        else:
-            out = self.rollouts.split("generate", prompts, seed, max_new_tokens=s.max_new_tokens,
-                                      temperature=temperature, top_p=s.top_p)
+            return self.rollouts.submit("generate_mixed", prompts, seed, max_new_tokens=s.max_new_tokens,
+                                        alpha=self.method.mix_alpha, vocab_size=s.vocab_size, temperature=temperature)
+        return self.rollouts.submit("generate", prompts, seed, max_new_tokens=s.max_new_tokens,
+                                    temperature=temperature, top_p=s.top_p)
+
+    def _collect_rollout(self, rows: list[TokenizedExample], pending, policy_version: int) -> SequenceBatch:
+        """The submitted rollout as a batch. A stale one (sampled before the student's last update) carries
+        its sampling log-probs as behaviour log-probs too: the PPO ratio and AMMD's policy gradient then
+        correct for the lag (docs/algorithms.md#staleness)."""
+        sent = pending.version
+        out = self.rollouts.collect(pending)
+        if pending.version != sent:  # recovered and regenerated with the current weights
+            policy_version = self.actor_version
+        lag = self.policy_version - policy_version
+        self.lags.append(lag)
         self.timings["timing/rollout_actor"] = self.rollouts.seconds
         self.generated_tokens += sum(len(r) for r in out["responses"])
-        return SequenceBatch.collate(prompts, out["responses"], s.pad_id, out["logprobs"],
-                                     out.get("behavior_logprobs"))
+        behavior = out.get("behavior_logprobs") or (out["logprobs"] if lag > 0 else None)
+        return SequenceBatch.collate([r.prompt_ids for r in rows], out["responses"], self.s.pad_id, out["logprobs"],
+                                     behavior)
 
     def _teacher_generated(self, rows: list[TokenizedExample], step: int) -> SequenceBatch:
         """Teacher responses, sampled once per prompt and cached (docs/algorithms.md#conventions)."""
@@ -148,6 +203,7 @@ class Controller:
             epochs = [self.learners.train(m.policy_objective, m.train_targets, check_sync and e == 0, collapse=e == 0)
                       for e in range(m.policy_epochs)]
         self.synced = False
+        self.policy_version += 1
         metrics = dict(epochs[0])
         if len(epochs) > 1:
             metrics.update({f"{k}_last_epoch": v for k, v in epochs[-1].items() if k.startswith("loss/")})
@@ -157,7 +213,7 @@ class Controller:
         """Load the learners' student into the rollout actors."""
         with self.phase("sync"):
             self.rollouts.update_weights()
-        self.synced = True
+        self.synced, self.actor_version = True, self.policy_version
 
     def sync_now(self) -> None:
         """Bring the rollout actors up to the learners' weights (before a checkpoint, after a resume)."""
@@ -178,10 +234,14 @@ class Controller:
     # ---- checkpoint state ---------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Data position and sampler RNG, and the schedule's RNGs and replay buffers (JSON-able)."""
+        """Data position and sampler RNG, and the schedule's RNGs and replay buffers (JSON-able); as they
+        were before a prefetch, so a resumed run draws the prefetched step again."""
+        if self.prefetched is not None:
+            return self.prefetched.state
         return {"sampler": self.sampler.state_dict(), "schedule": self.method.schedule.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        self.prefetched = None
         self.sampler.load_state_dict(state["sampler"])
         self.method.schedule.load_state_dict(state["schedule"])
         self.synced = False  # the learners were restored from the checkpoint; the rollout actors were not

@@ -49,26 +49,32 @@ LSE_ROWS = 256  # positions per chunk of the chunked logsumexp: bounds its fp32 
 class _LogSumExp(torch.autograd.Function):
     """logsumexp over the vocabulary in fp32, LSE_ROWS positions at a time. Neither direction keeps an
     fp32 copy of the (B, R, V) logits: the backward rebuilds softmax chunk by chunk from the logits
-    (already alive for the LM head) and the saved (B, R) result."""
+    (already alive for the LM head) and the saved (B, R) result. The logits are usually a strided view
+    (sliced to the tokenizer's vocabulary), so chunks are taken per row, never by a reshape (a copy)."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
-        flat = logits.reshape(-1, logits.shape[-1])
-        out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
-        for i in range(0, flat.shape[0], LSE_ROWS):
-            out[i:i + LSE_ROWS] = torch.logsumexp(flat[i:i + LSE_ROWS].float(), -1)
+        out = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+        for b, r in _chunks(logits):
+            out[b, r] = torch.logsumexp(logits[b, r].float(), -1)
         ctx.save_for_backward(logits, out)
-        return out.view(logits.shape[:-1])
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         logits, lse = ctx.saved_tensors
-        flat, g = logits.reshape(-1, logits.shape[-1]), grad.reshape(-1, 1).float()
-        out = torch.empty_like(flat)
-        for i in range(0, flat.shape[0], LSE_ROWS):
-            rows = slice(i, i + LSE_ROWS)
-            out[rows] = (g[rows] * torch.exp(flat[rows].float() - lse[rows].unsqueeze(-1))).to(out.dtype)
-        return out.view_as(logits)
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for b, r in _chunks(logits):
+            out[b, r] = (torch.exp(logits[b, r].float() - lse[b, r].unsqueeze(-1)) * grad[b, r].unsqueeze(-1)
+                         ).to(out.dtype)
+        return out
+
+
+def _chunks(logits: torch.Tensor):
+    """(row, slice of positions) covering a (B, R, V) tensor, LSE_ROWS positions per chunk."""
+    for b in range(logits.shape[0]):
+        for i in range(0, logits.shape[1], LSE_ROWS):
+            yield b, slice(i, i + LSE_ROWS)
 
 
 def logsumexp(logits: torch.Tensor) -> torch.Tensor:

@@ -148,7 +148,7 @@ def controller(cfg: Config, prep: Prepared, groups: Groups, teacher_cache: dict)
     settings = StepSettings(batch_size=cfg.train.batch_size, max_new_tokens=cfg.data.max_response_tokens,
                             temperature=r.temperature, top_p=r.top_p, sync_every=r.sync_every,
                             sync_check_tol=r.sync_check_tol, pad_id=tok.pad_token_id, seed=cfg.train.seed,
-                            vocab_size=prep.vocab_size)
+                            vocab_size=prep.vocab_size, max_staleness=r.max_staleness)
     return Controller(groups.method, settings, PromptSampler(prep.train, cfg.train.seed), groups.learners,
                       groups.rollouts, groups.teachers, teacher_cache, prep.val)
 

@@ -136,9 +136,13 @@ def moment_gap(student_logp: torch.Tensor, teacher_logp: torch.Tensor, critic: t
 
 
 def policy_gradient(token_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    n_tokens: float | None = None) -> torch.Tensor:
-    """REINFORCE surrogate: token mean of −A_t · log q(y_t), advantages treated as constants."""
-    return token_mean(-advantages.detach() * token_logp, mask, n_tokens)
+                    n_tokens: float | None = None, behavior_logp: torch.Tensor | None = None,
+                    max_weight: float = 2.0) -> torch.Tensor:
+    """REINFORCE surrogate: token mean of −w_t·A_t·log q(y_t), advantages treated as constants. Tokens
+    sampled by another policy μ (`behavior_logp`, a stale rollout) get w_t = min(q(y_t)/μ(y_t), max_weight),
+    detached (truncated per-token importance sampling); w = 1 otherwise."""
+    weights = 1.0 if behavior_logp is None else (token_logp.detach() - behavior_logp).exp().clamp(max=max_weight)
+    return token_mean(-weights * advantages.detach() * token_logp, mask, n_tokens)
 
 
 def ppo_clip(token_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,

@@ -165,7 +165,7 @@ def ammd_policy_objective(fwd, ctx: ObjectiveContext, beta: float, pg_coef: floa
         returns = future_returns(-ammd_gaps(on).detach(), on.mask)
         if whiten_returns:
             returns = whiten(returns, on.mask, ctx.all_reduce)
-        pg = losses.policy_gradient(on.token_logp, returns, on.mask, ctx.n_tokens["on"])
+        pg = losses.policy_gradient(on.token_logp, returns, on.mask, ctx.n_tokens["on"], on.behavior_logprobs)
         total = total + (1 - beta) * pg_coef * pg
         metrics["loss/pg"] = pg.detach()
     if anchor > 0:

@@ -1,4 +1,6 @@
 """The controller's step, phase by phase, with fake groups and no Ray: what runs, and in which order."""
+from types import SimpleNamespace
+
 import pytest
 
 from rlkd.algorithms import build_method
@@ -17,8 +19,15 @@ class FakeActors:
         return self.n
 
     def split(self, method, items, seed, **kwargs):
+        return self.collect(self.submit(method, items, seed, **kwargs))
+
+    def submit(self, method, items, seed, **kwargs):
         self.log.append((self.role, method))
-        return {"responses": [[7, 2]] * len(items), "logprobs": [[-1.0, -1.0]] * len(items)}
+        return SimpleNamespace(version=0, out={"responses": [[7, 2]] * len(items),
+                                               "logprobs": [[-1.0, -1.0]] * len(items)})
+
+    def collect(self, pending):
+        return pending.out
 
     def spread(self, method, calls):
         self.log.append((self.role, method))
@@ -36,6 +45,7 @@ class FakeLearners:
 
     def load_batch(self, shards, teacher_refs, n_tokens, snapshot_old_logp=False, slot="step"):
         self.log.append(("learners", f"load {slot} " + ",".join(shards[0])))
+        self.loaded = shards[0]
 
     def train(self, objective, targets, check_sync=False, collapse=True, slot="step"):
         targets = (targets,) if isinstance(targets, str) else targets
@@ -47,12 +57,12 @@ class FakeLearners:
         return {"loss/sft": 1.0}
 
 
-def _controller(*overrides):
+def _controller(*overrides, staleness: int = 0):
     cfg = load_config(None, ["rollout.sync_every=1", *overrides])
     log: list = []
     rows = [TokenizedExample(i, [5, 6, 3], [8, 2], ["x"]) for i in range(4)]
     settings = StepSettings(batch_size=2, max_new_tokens=4, temperature=1.0, top_p=1.0, sync_every=1,
-                            sync_check_tol=1.0, pad_id=0, seed=0)
+                            sync_check_tol=1.0, pad_id=0, seed=0, max_staleness=staleness)
     method = build_method(cfg.algo, 0, total_steps=10)
     rollouts = FakeActors("rollout", log, n=int(method.uses_rollouts))  # launch starts none for gold methods
     ctl = Controller(method, settings, PromptSampler(rows, 0), FakeLearners(log), rollouts,
@@ -98,3 +108,29 @@ def test_validation_runs_after_the_update():
     assert log[-4:] == [("learners", "train step student"), ("rollout", "update_weights"),
                         ("learners", "load val train"), ("learners", "evaluate val")]
     assert metrics["val/ce"] == 1.0
+
+
+def test_staleness_one_generates_the_next_step_during_the_update():
+    ctl, log = _controller("algo.method=gkd", "algo.gkd.lmbda=1.0", staleness=1)
+    first = ctl.step(1)
+    assert log == [("rollout", "generate"), ("teacher", "score"), ("learners", "load step train"),
+                   ("rollout", "generate"),  # step 2's rollout, submitted before step 1's update
+                   ("learners", "train step student"), ("rollout", "update_weights")]
+    assert first["rollout/version_lag"] == 0 and first["rollout/queue_depth"] == 1
+    assert ctl.learners.loaded["train"].behavior_logprobs is None  # fresh: no correction
+    assert ctl.state_dict()["sampler"]["position"] == 2  # a checkpoint now replays step 2's prompts
+    log.clear()
+    second = ctl.step(2)
+    assert log[0] == ("teacher", "score")  # step 2's rollout was already there
+    assert second["rollout/version_lag"] == 1  # sampled before step 1's update
+    stale = ctl.learners.loaded["train"]
+    assert stale.behavior_logprobs is not None and (stale.behavior_logprobs == stale.rollout_logprobs).all()
+
+
+def test_staleness_needs_sync_every_one():
+    from rlkd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout.sync_every"):
+        load_config(None, ["rollout.max_staleness=1", "rollout.sync_every=2"])
+    with pytest.raises(ConfigError, match="rollout.max_staleness=2"):
+        load_config(None, ["rollout.max_staleness=2"])

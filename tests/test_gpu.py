@@ -17,8 +17,16 @@ class InProcess:
         return len(self.objs)
 
     def split(self, method, items, seed, **kwargs):
+        return self.collect(self.submit(method, items, seed, **kwargs))
+
+    def submit(self, method, items, seed, **kwargs):  # runs at once: one process has nothing to overlap
+        from types import SimpleNamespace
+
         out = getattr(self.objs[0], method)(items, seed=seed, **kwargs)
-        return {k: v for k, v in out.items() if k not in ("seconds", "version")}
+        return SimpleNamespace(version=self.version, out=out)
+
+    def collect(self, pending):
+        return {k: v for k, v in pending.out.items() if k not in ("seconds", "version")}
 
     def spread(self, method, calls):
         return [getattr(self.objs[0], method)(*args) for args in calls]

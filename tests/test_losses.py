@@ -309,3 +309,16 @@ def test_ammd_beta_extremes_drop_unused_batches():
     assert set(_method("algo.ammd.beta=0.0").schedule.sources) == {"on"}
     assert set(_method("algo.ammd.beta=1.0").schedule.sources) == {"off"}
     assert _method("algo.ammd.off_policy=gold").label == "ammd (gold off-policy data)"
+
+
+def test_policy_gradient_importance_weights_for_stale_tokens():
+    """A token sampled by a stale policy μ weighs min(q/μ, 2); with μ = q the surrogate is plain REINFORCE."""
+    logp = torch.log(torch.tensor([[0.5, 0.2, 0.1]])).requires_grad_()
+    adv, mask = torch.tensor([[1.0, -1.0, 2.0]]), torch.ones(1, 3)
+    plain = losses.policy_gradient(logp, adv, mask)
+    assert torch.allclose(losses.policy_gradient(logp, adv, mask, behavior_logp=logp.detach()), plain)
+    mu = torch.log(torch.tensor([[0.25, 0.4, 0.01]]))  # weights 2, 0.5, 10 -> capped at 2
+    got = losses.policy_gradient(logp, adv, mask, behavior_logp=mu)
+    want = -(torch.tensor([2.0, 0.5, 2.0]) * adv * logp).sum() / 3
+    assert torch.allclose(got, want)
+    assert torch.allclose(torch.autograd.grad(got, logp)[0], torch.autograd.grad(want, logp)[0])
