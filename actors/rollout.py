@@ -33,6 +33,24 @@ class _HFEngine:
         if missing or unexpected:
             raise RuntimeError(f"weight sync: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
+    def dtype(self) -> str:
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    def join(self, host: str, port: int, rank: int, world_size: int) -> None:
+        from rlkd import weight_sync
+
+        self.group = weight_sync.join(host, port, rank, world_size, next(self.model.parameters()).device)
+
+    def receive(self, layout) -> None:
+        import torch
+
+        from rlkd import weight_sync
+
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, t in weight_sync.receive(self.group, layout, next(self.model.parameters()).device):
+                params[name].copy_(t)
+
 
 class _VLLMEngine:
     def __init__(self, model_dir: str, seed: int, memory_fraction: float, cpu_kv_cache_gib: float,
@@ -73,6 +91,18 @@ class _VLLMEngine:
     def load_weights(self, blob: bytes) -> None:
         self.llm.collective_rpc("rlkd_load_weights", args=(blob,))
         self.llm.reset_prefix_cache()  # cached KV of shared prefixes was computed with the old weights
+
+    def dtype(self) -> str:
+        return str(self.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+
+    def join(self, host: str, port: int, rank: int, world_size: int) -> None:
+        self.llm.collective_rpc("rlkd_join_weight_group", args=(host, port, rank, world_size))
+
+    def receive(self, layout) -> None:
+        from dataclasses import asdict
+
+        self.llm.collective_rpc("rlkd_receive_weights", args=(asdict(layout),))
+        self.llm.reset_prefix_cache()
 
 
 class RolloutActor:
@@ -131,9 +161,24 @@ class RolloutActor:
         return {"responses": responses, "logprobs": logprobs, "behavior_logprobs": behavior,
                 "seconds": time.perf_counter() - t0, "version": self.version}
 
-    def update_weights(self, blob: bytes, version: int = 0) -> float:
-        """Load the learner's student weights (safetensors bytes); returns the seconds it took."""
+    def weight_dtype(self) -> str:
+        """The engine's parameter dtype: what a collective sync sends."""
+        return self.engine.dtype()
+
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, layout) -> None:
+        """Join the learners' collective sync group as `rank` (rlkd.weight_sync; blocks until all have)."""
+        self.engine.join(host, port, rank, world_size)
+
+    def receive_weights(self, layout, version: int) -> float:
+        """Receive the student over the sync group (rank 0 broadcasts); returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.engine.receive(layout)
+        self.version = version
+        return time.perf_counter() - t0
+
+    def update_weights(self, blob: bytes, version: int = 0) -> dict:
+        """Load the learner's student weights (safetensors bytes); returns the seconds it took and the bytes."""
         t0 = time.perf_counter()
         self.engine.load_weights(blob)
         self.version = version
-        return time.perf_counter() - t0
+        return {"seconds": time.perf_counter() - t0, "bytes": len(blob)}

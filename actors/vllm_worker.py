@@ -17,3 +17,20 @@ class RlkdWorkerExtension:
         state = load(blob)
         self.model_runner.reload_weights(weights_iterator=iter(state.items()))
         return len(state)
+
+    def rlkd_join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
+        """Join the learners' collective sync group (rlkd.weight_sync) from inside the worker."""
+        from rlkd import weight_sync
+
+        device = next(self.model_runner.model.parameters()).device
+        self.rlkd_group = weight_sync.join(host, port, rank, world_size, device)
+
+    def rlkd_receive_weights(self, layout: dict) -> int:
+        """Receive the buckets rank 0 broadcasts and load them as they arrive; returns #tensors."""
+        from rlkd import weight_sync
+
+        layout = weight_sync.Layout(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v)
+                                       if isinstance(v, (list, tuple)) else v for k, v in layout.items()})
+        device = next(self.model_runner.model.parameters()).device
+        self.model_runner.reload_weights(weights_iterator=weight_sync.receive(self.rlkd_group, layout, device))
+        return len(layout.names)

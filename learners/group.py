@@ -67,6 +67,17 @@ class LearnerGroup:
         ray.wait(refs, num_returns=len(refs), fetch_local=False)  # the rollout actors fetch it
         return refs[0]
 
+    def connect_weight_sync(self, rollout_actors: list) -> tuple[Callable, object]:
+        """Form the collective sync group of rank 0 and the rollout actors (rlkd.weight_sync); returns
+        (a function that starts one sync on every rank and returns the ObjectRefs, the sync's Layout)."""
+        dtype = ray.get(rollout_actors[0].weight_dtype.remote())
+        layout = ray.get(self.workers[0].weight_layout.remote(dtype))
+        host, port = ray.get(self.workers[0].address.remote())
+        world = 1 + len(rollout_actors)
+        ray.get([self.workers[0].join_weight_group.remote(host, port, world, layout)] +
+                [a.join_weight_group.remote(host, port, 1 + i, world, layout) for i, a in enumerate(rollout_actors)])
+        return (lambda: [w.send_weights.remote() for w in self.workers]), layout
+
     def save_student(self, out_dir: str) -> None:
         ray.get([w.save_student.remote(out_dir) for w in self.workers])
 

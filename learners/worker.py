@@ -294,6 +294,33 @@ class LearnerWorker:
         state = self._full_state(self.student.module)
         return None if state is None else save(state)
 
+    def weight_layout(self, dtype: str):
+        """The collective sync's layout of the student (rlkd.weight_sync), in the rollout engines' dtype."""
+        from rlkd.weight_sync import layout_of
+
+        return layout_of([(k, getattr(p, "ds_shape", p.shape)) for k, p in self.student.module.named_parameters()],
+                         dtype)
+
+    def join_weight_group(self, host: str, port: int, world_size: int, layout) -> None:
+        """Rank 0 joins the sync group as its rank 0 (blocks until every rollout engine has joined)."""
+        from rlkd import weight_sync
+
+        self.sync_layout = layout
+        self.sync_group = weight_sync.join(host, port, 0, world_size, self.student.device)
+
+    def send_weights(self) -> int:
+        """Broadcast the student over the sync group; returns the bytes sent (every rank must call: ZeRO-3
+        gathers each parameter, and only rank 0 sends)."""
+        import deepspeed
+
+        from rlkd import weight_sync
+
+        params = [p for _, p in self.student.module.named_parameters()]
+        with deepspeed.zero.GatheredParameters(params if self.zero_stage == 3 else [], enabled=self.zero_stage == 3):
+            if self.rank == 0:
+                weight_sync.send(self.sync_group, params, self.sync_layout)
+        return self.sync_layout.nbytes if self.rank == 0 else 0
+
     def save_student(self, out_dir: str) -> str | None:
         """save_pretrained (safetensors) on rank 0; every rank must call."""
         state = self._full_state(self.student.module)

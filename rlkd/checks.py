@@ -61,6 +61,7 @@ def validate(cfg) -> None:
     check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
     check(0 < r.vllm_memory_fraction < 1, "rollout.vllm_memory_fraction", r.vllm_memory_fraction, "in (0, 1)")
     positive(r, "rollout", ["vllm_cpu_kv_cache_gib"])
+    one_of(r.weight_sync, "rollout.weight_sync", ["collective", "object_store"])
     check(r.max_staleness in (0, 1), "rollout.max_staleness", r.max_staleness, "0 or 1")
     check(r.max_staleness == 0 or r.sync_every == 1, "rollout.sync_every", r.sync_every,
           "1 when rollout.max_staleness=1 (a batch is then at most one student update old)")

@@ -146,6 +146,13 @@ class ActorGroup:
         self.version = 0  # weights version the actors hold (0 = the model they were started from)
         self.restarts = 0  # failures recovered from (metric actors/restarts)
         self.seconds = 0.0  # the slowest actor's own time in the last call (its share of the wall time)
+        self.sender: Callable | None = None  # collective sync: starts the learners' broadcast (use_collective)
+        self.layout = None  # collective sync: the rlkd.weight_sync.Layout the actors receive
+        self.sync_bytes = 0  # bytes the last sync moved to each actor
+
+    def use_collective(self, sender: Callable, layout) -> None:
+        """Sync over the collective group the actors joined: `sender()` starts the learners' broadcast."""
+        self.sender, self.layout = sender, layout
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -195,15 +202,24 @@ class ActorGroup:
         return refs
 
     def update_weights(self) -> None:
-        """Load the learners' current student into every actor (a new weights version)."""
-        ref = self.weights()
+        """Load the learners' current student into every actor (a new weights version): over the collective
+        group when one is set up, else as one safetensors blob through the object store."""
         self.version += 1
-        ray.get([a.update_weights.remote(ref, self.version) for a in self.actors])
+        if self.sender is not None:  # receivers and sender block in the same broadcasts: start them together
+            receive = [a.receive_weights.remote(self.layout, self.version) for a in self.actors]
+            ray.get(self.sender() + receive)
+            self.sync_bytes = self.layout.nbytes
+            return
+        ref = self.weights()
+        self.sync_bytes = ray.get([a.update_weights.remote(ref, self.version) for a in self.actors])[0]["bytes"]
 
     def _recover(self, why: str) -> None:
         """Wait until Ray has restarted the actors (raises once restarts are exhausted), then resync."""
         self.restarts += 1
         print(f"rlkd: warning: {why}; waiting for the restart and retrying the call", flush=True)
+        if self.sender is not None:  # a restarted actor is outside the group: weights go by object store now
+            print("rlkd: warning: weight sync falls back to the object store for the rest of the run", flush=True)
+            self.sender = None
         ray.get([a.ready.remote() for a in self.actors])
         if self.weights is not None:
             self.update_weights()
@@ -217,3 +233,4 @@ class ActorGroup:
                 ray.get(actor.ready.remote(), timeout=30)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 pass
+

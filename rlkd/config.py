@@ -105,6 +105,11 @@ class RolloutConfig:
     """Nucleus sampling threshold of student rollouts (1 = off)."""
     sync_every: int = 1
     """Push the student's weights to the rollout actors every this many steps."""
+    weight_sync: str = "object_store"
+    """How the student's weights reach the rollout actors: 'object_store' (rank 0's safetensors bytes through
+    Ray's object store) or 'collective' (rank 0 broadcasts in 256 MiB buckets, in the engines' dtype, over a
+    process group of its own: gloo on CPU, NCCL on GPU; falls back to the object store after an actor
+    restart). Both are checked by the sync check."""
     max_staleness: int = 0
     """0: each step samples with the learners' current weights, then trains (strictly in sequence). 1: the
     rollout actors generate step t+1 while the learners update on step t, so a batch may be one student

@@ -214,6 +214,7 @@ class Controller:
         with self.phase("sync"):
             self.rollouts.update_weights()
         self.synced, self.actor_version = True, self.policy_version
+        self.timings["sync/bytes"] = float(self.rollouts.sync_bytes)
 
     def sync_now(self) -> None:
         """Bring the rollout actors up to the learners' weights (before a checkpoint, after a resume)."""

@@ -78,8 +78,10 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_ca
         f"{lc.num_ranks} learner rank(s) ZeRO-{lc.zero_stage}, student {learners.num_params / 1e6:.2f}M params "
         f"({time.time() - t0:.0f}s)")
     restarts = cfg.run.max_actor_restarts
-    return Groups(learners, ActorGroup(rollouts, restarts, weights=learners.student_weights_ref),
-                  ActorGroup(teachers, restarts), method)
+    rollout_group = ActorGroup(rollouts, restarts, weights=learners.student_weights_ref)
+    if rollouts and cfg.rollout.weight_sync == "collective":
+        rollout_group.use_collective(*learners.connect_weight_sync(rollouts))
+    return Groups(learners, rollout_group, ActorGroup(teachers, restarts), method)
 
 
 def _start_teachers(cfg: Config, prep: Prepared, options: Callable) -> list:

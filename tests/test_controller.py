@@ -13,7 +13,7 @@ class FakeActors:
     """An ActorGroup stand-in: records each call as (role, method)."""
 
     def __init__(self, role: str, log: list, n: int = 1):
-        self.role, self.log, self.n, self.restarts, self.seconds = role, log, n, 0, 0.0
+        self.role, self.log, self.n, self.restarts, self.seconds, self.sync_bytes = role, log, n, 0, 0.0, 0
 
     def __len__(self):
         return self.n
