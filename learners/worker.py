@@ -140,7 +140,10 @@ class LearnerWorker:
         denominator)."""
         device = self.student.device  # the engine's device: batches and scores arrive on the host
         batches = {k: b.to(device) for k, b in batches.items()}
-        scores = {k: _resolve(v).to(device) for k, v in teacher.items()}
+        shipped = {k: _resolve(v) for k, v in teacher.items()}
+        self.score_bytes = sum(t.numel() * t.element_size() for sc in shipped.values()
+                               for t in vars(sc).values() if isinstance(t, torch.Tensor))
+        scores = {k: v.to(device) for k, v in shipped.items()}
         n = num_micro_batches(batches, self.micro_batch_size)
         self.slots[slot] = [
             Slot(b, t, n_tokens, {k: self.logprobs(x) for k, x in b.items()} if snapshot_old_logp else {}, n == 1)
@@ -228,7 +231,7 @@ class LearnerWorker:
             engines[t].step()
         if "student" in targets:
             self._student_moved()
-        out.update(self._global(sums))
+        out.update(self._global({**sums, "scores/bytes": float(getattr(self, "score_bytes", 0))}))
         out["memory/learner_peak_gib"] = _peak_gib()  # this rank's; every rank holds the same shapes
         return out
 
