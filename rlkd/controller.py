@@ -121,8 +121,14 @@ class Controller:
 
     def produce(self, plan: dict[str, str], rows: list[TokenizedExample], step: int, pre: Prefetch | None = None
                 ) -> dict[str, SequenceBatch]:
-        """The planned sequences for the step's prompts (REPLAY batches come from the schedule's buffer;
-        rollouts submitted by `prefetch` are collected)."""
+        """The planned sequences for the step's prompts (REPLAY batches come from the schedule's buffer).
+        Rollouts are submitted first (unless `prefetch` already did), so the rollout actors generate while
+        the teacher actors sample teacher generations."""
+        pending = dict(pre.pending) if pre is not None else {}
+        version = {name: pre.policy_version for name in pending}
+        for name, source in plan.items():
+            if source in (ROLLOUT, MIXED) and name not in pending:
+                pending[name], version[name] = self._submit_rollout(rows, step, source == MIXED), self.actor_version
         out = {}
         for name, source in plan.items():
             if source == GOLD:
@@ -131,12 +137,8 @@ class Controller:
             elif source == TEACHER_GEN:
                 out[name] = self._teacher_generated(rows, step)
             elif source in (ROLLOUT, MIXED):
-                with self.phase("rollout"):
-                    if pre is not None and name in pre.pending:
-                        out[name] = self._collect_rollout(rows, pre.pending[name], pre.policy_version)
-                    else:
-                        out[name] = self._collect_rollout(rows, self._submit_rollout(rows, step, source == MIXED),
-                                                          self.actor_version)
+                with self.phase("rollout"):  # the wait for the rollout actors, not their whole generation time
+                    out[name] = self._collect_rollout(rows, pending[name], version[name])
             elif source != REPLAY:
                 raise ValueError(f"unknown data source {source!r}")
         return out

@@ -88,7 +88,8 @@ def test_on_policy_method_generates_first_and_syncs_last():
 def test_ammd_runs_k_critic_updates_before_the_student(step):
     ctl, log = _controller("algo.method=ammd", "algo.ammd.critic_steps=3", "algo.ammd.critic_warmup_steps=2")
     ctl.step(step)
-    head = [("teacher", "generate"), ("rollout", "generate"), ("teacher", "score"), ("learners", "load step off,on")]
+    # the rollout is submitted first: the rollout actors generate while the teacher samples its responses
+    head = [("rollout", "generate"), ("teacher", "generate"), ("teacher", "score"), ("learners", "load step off,on")]
     critic = [("learners", "train step critic")] * 3
     student = [("learners", "train step student"), ("rollout", "update_weights")] if step > 2 else []  # warm-up
     assert log == head + critic + student
