@@ -27,18 +27,20 @@ def mixed_generate(student, teacher, prompts: list[list[int]], pad_id: int, eos_
     Returns (responses, student raw log-probs of the chosen tokens, log-probs of the chosen tokens under
     the mixture they were drawn from). MiniLLM's importance weight is exp(student − mixture).
     """
-    g = torch.Generator().manual_seed(seed)
-    packed = SequenceBatch.collate(prompts, [[] for _ in prompts], pad_id)
+    device = next(student.parameters()).device  # both models and every tensor of the loop live here
+    g = torch.Generator(device=device).manual_seed(seed)
+    packed = SequenceBatch.collate(prompts, [[] for _ in prompts], pad_id).to(device)
     width = packed.prompt_width
     attn = packed.attention_mask[:, :width]
     ids, pos = packed.input_ids[:, :width], packed.position_ids[:, :width]
     past_s = past_t = None
-    done = torch.zeros(len(prompts), dtype=torch.bool)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     tokens, s_lp, mix_lp = [], [], []
     for _ in range(max_new_tokens):
         s_raw, s_log, past_s = _step(student, ids, attn, pos, past_s, vocab, temperature)
         _, t_log, past_t = _step(teacher, ids, attn, pos, past_t, vocab, temperature)
-        mix = torch.logaddexp(t_log + torch.log(torch.tensor(alpha)), s_log + torch.log1p(torch.tensor(-alpha)))
+        mix = torch.logaddexp(t_log + torch.log(torch.tensor(alpha, device=device)),
+                              s_log + torch.log1p(torch.tensor(-alpha, device=device)))
         nxt = torch.multinomial(mix.exp(), 1, generator=g).squeeze(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens.append(nxt)

@@ -132,6 +132,7 @@ class RolloutActor:
             from rlkd.models import load_model
 
             self.mix_teacher = load_model(mix_teacher_dir, trust_remote_code).eval()
+            self.mix_teacher.to(next(self.engine.model.parameters()).device)  # the student's device (GPU if any)
             self.pad_id, self.eos_id = pad_id, eos_id
 
     def ready(self) -> str:
