@@ -11,7 +11,8 @@ class InProcess:
     """An rlkd.cluster.ActorGroup stand-in over plain objects in this process."""
 
     def __init__(self, objs: list, weights=None):
-        self.objs, self.weights, self.version, self.restarts, self.seconds, self.sync_bytes = objs, weights, 0, 0, 0.0, 0
+        self.objs, self.weights, self.version, self.restarts, self.seconds = objs, weights, 0, 0, 0.0
+        self.sync_bytes = 0
 
     def __len__(self):
         return len(self.objs)

@@ -27,3 +27,20 @@ def test_staleness_one_overlaps_and_bounds_the_lag(ray_cluster, tmp_path):
                                  ("timing/step", "timing/rollout")) for r in later)
     assert step < phases, f"no overlap: step {step:.3f}s, phases {phases:.3f}s"
     assert all(abs(r["loss/pg"]) < 1e3 for r in later)  # the importance-weighted pg term stays finite
+
+
+def test_staleness_zero_is_bit_identical_to_the_code_before(ray_cluster, tmp_path):
+    """max_staleness 0 (the default) keeps the strictly sequential step: a 6-step AMMD smoke run gives
+    exactly the metrics the code before staleness existed gave (tests/data/ammd_smoke_6_steps.json, written
+    by commit 7b2bdb9 with the run below; timings and memory excluded, new keys ignored). A deliberate
+    numeric change must rewrite that file, and say so in its commit."""
+    from pathlib import Path
+
+    golden = json.loads((Path(__file__).parent / "data" / "ammd_smoke_6_steps.json").read_text())
+    cfg = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", f"model.cache_dir={tmp_path / 'cache'}",
+                                             "run.name=g", "train.steps=6", "eval.num_examples=0",
+                                             "algo.ammd.critic_warmup_steps=2"])
+    rows = [json.loads(x) for x in (run(cfg, log=lambda *a: None) / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == len(golden)
+    for want, got in zip(golden, rows):
+        assert {k: got[k] for k in want} == want  # exact: every loss, distance and collapse detector
