@@ -230,7 +230,7 @@ class ActorGroup:
             ray.kill(actor)
         for actor in self.actors:
             try:
-                ray.get(actor.ready.remote(), timeout=30)
+                ray.get(actor.ready.options(max_task_retries=0).remote(), timeout=30)  # no retry, no warning
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 pass
 
