@@ -195,11 +195,19 @@ class ActorGroup:
         pending.refs, pending.version = again.refs, again.version
         return pending
 
-    def spread(self, method: str, calls: list[tuple]) -> list:
-        """One call per argument tuple, round-robin over the actors; ObjectRefs, once all are ready."""
+    def spread(self, method: str, calls: list[tuple], wait: bool = True) -> list:
+        """One call per argument tuple, round-robin over the actors; ObjectRefs, once all are ready (with
+        `wait`; else at once, and `wait(refs)` later)."""
         refs = [getattr(self.actors[i % len(self.actors)], method).remote(*args) for i, args in enumerate(calls)]
-        ray.wait(refs, num_returns=len(refs), fetch_local=False)  # the learners fetch them, not the driver
+        if wait:
+            self.wait(refs)
         return refs
+
+    @staticmethod
+    def wait(refs: list) -> None:
+        """Until every ref is ready, without fetching it: the learners fetch them, not the driver."""
+        if refs:
+            ray.wait(refs, num_returns=len(refs), fetch_local=False)
 
     def update_weights(self) -> None:
         """Load the learners' current student into every actor (a new weights version): over the collective

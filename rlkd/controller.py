@@ -48,6 +48,7 @@ class Prefetch:
     pending: dict  # batch name -> rlkd.cluster.Pending
     state: dict  # the controller's state before these rows were drawn: a checkpoint taken now replays them
     policy_version: int  # student updates in the weights the rollout actors held at submission
+    schedule_metrics: dict  # the schedule's metrics of the step before (planning this step changes them)
 
 
 class Controller:
@@ -65,6 +66,7 @@ class Controller:
         self.actor_version = 0  # student updates in the weights the rollout actors hold
         self.lags: list[int] = []  # this step's rollout batches: student updates between sampling and training
         self.prefetched: Prefetch | None = None
+        self.early: dict[str, list] = {}  # batch name -> score ObjectRefs per learner shard, submitted in produce
 
     @contextmanager
     def phase(self, name: str):
@@ -76,7 +78,7 @@ class Controller:
 
     def step(self, step: int) -> dict[str, float]:
         """Run training step `step` (1-based); returns its metrics, including timing/<phase>."""
-        m, metrics, self.timings, self.generated_tokens, self.lags = self.method, {}, {}, 0, []
+        m, metrics, self.timings, self.generated_tokens, self.lags, self.early = self.method, {}, {}, 0, [], {}
         t_start = time.perf_counter()
         pre, self.prefetched = self.prefetched, None
         if pre is not None and pre.step == step:
@@ -102,7 +104,7 @@ class Controller:
         if m.validate_every and step % m.validate_every == 0:
             metrics["val/ce"] = self.validation_ce()
             m.schedule.on_validation(metrics["val/ce"])
-        metrics.update(m.schedule.metrics())
+        metrics.update(self.prefetched.schedule_metrics if self.prefetched else m.schedule.metrics())
         if self.lags:
             metrics["rollout/version_lag"] = float(max(self.lags))
         if self.s.max_staleness > 0:
@@ -111,11 +113,11 @@ class Controller:
 
     def prefetch(self, step: int) -> None:
         """Draw step `step`'s prompts and plan now and submit its rollouts without waiting for them."""
-        state = self.state_dict()
+        state, schedule_metrics = self.state_dict(), self.method.schedule.metrics()
         rows, plan = self.sampler.next(self.s.batch_size), self.method.schedule.plan(step)
         pending = {name: self._submit_rollout(rows, step, source == MIXED) for name, source in plan.items()
                    if source in (ROLLOUT, MIXED)}
-        self.prefetched = Prefetch(step, rows, plan, pending, state, self.actor_version)
+        self.prefetched = Prefetch(step, rows, plan, pending, state, self.actor_version, schedule_metrics)
 
     # ---- phases -------------------------------------------------------------------------------
 
@@ -130,7 +132,7 @@ class Controller:
             if source in (ROLLOUT, MIXED) and name not in pending:
                 pending[name], version[name] = self._submit_rollout(rows, step, source == MIXED), self.actor_version
         out = {}
-        for name, source in plan.items():
+        for name, source in sorted(plan.items(), key=lambda kv: kv[1] in (ROLLOUT, MIXED)):  # ready ones first
             if source == GOLD:
                 out[name] = SequenceBatch.collate([r.prompt_ids for r in rows], [r.response_ids for r in rows],
                                                   self.s.pad_id)
@@ -141,7 +143,9 @@ class Controller:
                     out[name] = self._collect_rollout(rows, pending[name], version[name])
             elif source != REPLAY:
                 raise ValueError(f"unknown data source {source!r}")
-        return out
+            if name in out and self.method.needs_teacher_scores and self.method.schedule.keeps(name):
+                self.early[name] = self._submit_scores(name, out[name])  # the teacher starts on it now
+        return {name: out[name] for name in plan if name in out}
 
     def _submit_rollout(self, rows: list[TokenizedExample], step: int, mixed: bool):
         prompts, s = [r.prompt_ids for r in rows], self.s
@@ -180,15 +184,26 @@ class Controller:
         return SequenceBatch.collate([r.prompt_ids for r in rows], [self.teacher_cache[r.uid] for r in rows],
                                      self.s.pad_id)
 
+    def _submit_scores(self, name: str, batch: SequenceBatch) -> list:
+        """Score ObjectRefs of batch `name`, one per learner shard, submitted without waiting."""
+        hidden = self.method.critic_input == "teacher" and name in self.method.critic_heads
+        return self.teachers.spread("score", [(shard, hidden) for shard in batch.shard(self.learners.size)],
+                                    wait=False)
+
     def score(self, shards: list[dict[str, SequenceBatch]]) -> list[dict]:
-        """Teacher scores per learner shard, as ObjectRefs that go straight to the learners."""
+        """Teacher scores per learner shard, as ObjectRefs that go straight to the learners. Batches that
+        `produce` already submitted (self.early) are not scored again."""
         m = self.method
         if not m.needs_teacher_scores:
             return [{} for _ in shards]
         hidden = m.critic_input == "teacher"
-        calls = [(batch, hidden and name in m.critic_heads) for shard in shards for name, batch in shard.items()]
-        refs = iter(self.teachers.spread("score", calls))
-        return [{name: next(refs) for name in shard} for shard in shards]
+        late = [name for name in shards[0] if name not in self.early]
+        calls = [(shard[name], hidden and name in m.critic_heads) for shard in shards for name in late]
+        refs = iter(self.teachers.spread("score", calls)) if calls else iter(())
+        fresh = [{name: next(refs) for name in late} for _ in shards]
+        self.teachers.wait([r for refs_ in self.early.values() for r in refs_])
+        return [{name: self.early[name][i] if name in self.early else fresh[i][name] for name in shard}
+                for i, shard in enumerate(shards)]
 
     def critic_updates(self, check_sync: bool) -> dict[str, float]:
         """K critic (moment estimator) updates on the loaded batch; the student does not move."""

@@ -81,6 +81,10 @@ class Fixed(_Stateful):
     def settle(self, batches: Batches, n: int, pad_id: int) -> Batches:
         return batches
 
+    def keeps(self, name: str) -> bool:
+        """Whether `settle` trains on produced batch `name` as it is (then it can be scored at once)."""
+        return True
+
     def metrics(self) -> dict[str, float]:
         return {}
 
@@ -111,6 +115,9 @@ class OnPolicyMix(_Stateful):
             return batches
         self.buffer.add(batches["train"])
         return {"train": self.buffer.sample(n, pad_id)}
+
+    def keeps(self, name: str) -> bool:
+        return self.buffer is None or not self.last_on_policy
 
     def metrics(self) -> dict[str, float]:
         out = {"data/on_policy": self.last_on_policy}
@@ -153,6 +160,9 @@ class AdaptiveSGO(_Stateful):
         elif self.last == "replay":
             return {"train": self.buffer.sample(n, pad_id)}
         return batches
+
+    def keeps(self, name: str) -> bool:
+        return True  # a fresh batch trains as produced (and enters the buffer); replays are not produced
 
     def on_validation(self, loss: float) -> None:
         if self.prev_loss is None:

@@ -29,9 +29,12 @@ class FakeActors:
     def collect(self, pending):
         return pending.out
 
-    def spread(self, method, calls):
+    def spread(self, method, calls, wait=True):
         self.log.append((self.role, method))
         return [object() for _ in calls]
+
+    def wait(self, refs):
+        pass
 
     def update_weights(self):
         self.log.append((self.role, "update_weights"))
@@ -88,8 +91,10 @@ def test_on_policy_method_generates_first_and_syncs_last():
 def test_ammd_runs_k_critic_updates_before_the_student(step):
     ctl, log = _controller("algo.method=ammd", "algo.ammd.critic_steps=3", "algo.ammd.critic_warmup_steps=2")
     ctl.step(step)
-    # the rollout is submitted first: the rollout actors generate while the teacher samples its responses
-    head = [("rollout", "generate"), ("teacher", "generate"), ("teacher", "score"), ("learners", "load step off,on")]
+    # the rollout is submitted first: the rollout actors generate while the teacher samples its responses,
+    # and each batch is scored as soon as it exists (the teacher's 'off' while the student's 'on' generates)
+    head = [("rollout", "generate"), ("teacher", "generate"), ("teacher", "score"), ("teacher", "score"),
+            ("learners", "load step off,on")]
     critic = [("learners", "train step critic")] * 3
     student = [("learners", "train step student"), ("rollout", "update_weights")] if step > 2 else []  # warm-up
     assert log == head + critic + student

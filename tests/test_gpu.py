@@ -29,8 +29,11 @@ class InProcess:
     def collect(self, pending):
         return {k: v for k, v in pending.out.items() if k not in ("seconds", "version")}
 
-    def spread(self, method, calls):
+    def spread(self, method, calls, wait=True):
         return [getattr(self.objs[0], method)(*args) for args in calls]
+
+    def wait(self, refs):
+        pass
 
     def update_weights(self):
         self.version += 1
