@@ -6,8 +6,10 @@ bare single-process loop and (b) TRL's GKDTrainer, measured in one run, interlea
 
 Shapes: 'tiny' is the embedded Dolly models (AMMD and GKD). 'realistic' is GKD with a 151,665-token word
 tokenizer, a random 26M-parameter Qwen2 student (151,936 rows, hidden 160, 4 layers) and a random Llama
-teacher (152,064 rows, hidden 192, 2 layers). There rlkd's teacher ships its default top-64 scores,
-while the bare loop and TRL use the full distribution, each as it would run by default.
+teacher (hidden 192, 2 layers) with the same 151,936 rows (TRL's GKDTrainer refuses a teacher whose
+embedding is padded differently, as Qwen2.5-7B's 152,064 rows are; rlkd takes either). There rlkd's
+teacher ships its default top-64 scores, while the bare loop and TRL use the full distribution, each as
+it would run by default.
 
 All three use the same embedded tiny models, prompts (same seeded order), batch size, generation
 length and learning rates. GKD runs fully on-policy (lambda = 1) with beta = 0.5 and T = 0.9 (TRL's
@@ -54,8 +56,10 @@ def trl_block(py: Path, prep, tok, cfg, n: int, offset: int) -> list[dict]:
            "seed": cfg.train.seed}
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "job.json").write_text(json.dumps(job))
-        subprocess.run([str(py), str(ROOT / "bench" / "trl_gkd.py"), "--job", f"{d}/job.json", "--out",
-                        f"{d}/out.json"], check=True, capture_output=True, text=True)
+        done = subprocess.run([str(py), str(ROOT / "bench" / "trl_gkd.py"), "--job", f"{d}/job.json", "--out",
+                               f"{d}/out.json"], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"TRL's GKDTrainer failed:\n{done.stderr[-3000:]}")
         out = json.loads((Path(d) / "out.json").read_text())
     return [{"timing/step": t, "tokens/generated": g} for t, g in zip(out["step_seconds"], out["generated_tokens"])]
 
@@ -86,7 +90,9 @@ def realistic_models(root: Path) -> list[str]:
         texts = [e.prompt + e.references[0] for e in ex]
         words = len(train_word_tokenizer(texts, root / "tok"))
         tok = train_word_tokenizer(texts, root / "tok", extra=tuple(f"zz{i:06d}" for i in range(151_665 - words)))
-        for role, rows, cls, conf, hidden, layers in (("teacher", 152_064, LlamaForCausalLM, LlamaConfig, 192, 2),
+        # the teacher gets the student's 151,936 rows, not Qwen2.5-7B's 152,064: TRL's GKDTrainer refuses
+        # models whose vocab_size differ ("GKD compares the teacher's full next-token distribution")
+        for role, rows, cls, conf, hidden, layers in (("teacher", 151_936, LlamaForCausalLM, LlamaConfig, 192, 2),
                                                       ("student", 151_936, Qwen2ForCausalLM, Qwen2Config, 160, 4)):
             torch.manual_seed(len(role))
             cls(conf(vocab_size=rows, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
