@@ -103,7 +103,10 @@ def realistic_models(root: Path) -> list[str]:
     return [f"model.teacher={root / 'teacher'}", f"model.student={root / 'student'}", "train.batch_size=16"]
 
 
-def measure(method_name: str, cfg_path: str, args, prep, trl_py, shape: list[str]) -> dict:
+def measure(method_name: str, cfg_path: str, args, prep, trl_py, shape: list[str], one_at_a_time: bool = False
+            ) -> dict:
+    """`one_at_a_time`: each rlkd engine's actors live only for its own block (the realistic shape's two
+    engines do not fit in this machine's memory together); blocks still alternate within every round."""
     import torch
     from bare_loop import BareLoop
 
@@ -118,11 +121,13 @@ def measure(method_name: str, cfg_path: str, args, prep, trl_py, shape: list[str
             "train.steps=100000", "eval.num_examples=0"]
     cfg = load_config(cfg_path, over)
     tok, r = prep.tokenizer, cfg.rollout
-    engines = {}  # rlkd at staleness 0 and 1, each with its own actors (empty caches: they sample like the bare loop)
-    for name, staleness in (("rlkd", 0), ("rlkd_stale1", 1)):
+    def engine(staleness: int):  # rlkd with its own actors (empty caches: it samples like the bare loop)
         c = load_config(cfg_path, [*over, f"rollout.max_staleness={staleness}"])
         groups = start_groups(c, prep, build_method(c.algo, c.train.seed))
-        engines[name] = (groups, make_controller(c, prep, groups, {}))
+        return groups, make_controller(c, prep, groups, {})
+
+    names = {"rlkd": 0, "rlkd_stale1": 1}
+    engines = {} if one_at_a_time else {name: engine(st) for name, st in names.items()}
     torch.set_num_threads(1)
     bare = BareLoop(build_method(cfg.algo, cfg.train.seed), load_model(prep.student_dir), load_model(prep.teacher_dir),
                     tok.pad_token_id, tok.eos_token_id, prep.vocab_size, cfg.learner.student_lr,
@@ -133,8 +138,11 @@ def measure(method_name: str, cfg_path: str, args, prep, trl_py, shape: list[str
     try:
         for rnd in range(args.rounds):
             base = 1 + rnd * (args.steps + 1)
-            for name, (_, controller) in engines.items():
+            for name, staleness in names.items():
+                groups, controller = engines[name] if name in engines else engine(staleness)
                 runs[name] += rlkd_block(controller, base, args.steps + 1)[1:]
+                if one_at_a_time:
+                    groups.shutdown()
             runs["bare"] += [bare.step(base + i, bare_sampler.next(cfg.train.batch_size))
                              for i in range(args.steps + 1)][1:]
             if trl_py is not None and method_name == "gkd":
@@ -230,7 +238,7 @@ def main() -> int:
         prep = prepare(cfg)
         started = connect_ray(max(cfg.run.num_cpus, 8))  # two rlkd engines of 3 actors each
         for m in methods:
-            results.append({"shape": shape, **measure(m, args.config, args, prep, trl_py, over)})
+            results.append({"shape": shape, **measure(m, args.config, args, prep, trl_py, over, shape == "realistic")})
         if started:
             import ray
 
