@@ -166,7 +166,7 @@ class RolloutActor:
         """The engine's parameter dtype: what a collective sync sends."""
         return self.engine.dtype()
 
-    def join_weight_group(self, host: str, port: int, rank: int, world_size: int, layout) -> None:
+    def join_weight_group(self, host: str, port: int, rank: int, world_size: int) -> None:
         """Join the learners' collective sync group as `rank` (rlkd.weight_sync; blocks until all have)."""
         self.engine.join(host, port, rank, world_size)
 

@@ -29,8 +29,7 @@ class RlkdWorkerExtension:
         """Receive the buckets rank 0 broadcasts and load them as they arrive; returns #tensors."""
         from rlkd import weight_sync
 
-        layout = weight_sync.Layout(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v)
-                                       if isinstance(v, (list, tuple)) else v for k, v in layout.items()})
+        layout = weight_sync.Layout.from_dict(layout)
         device = next(self.model_runner.model.parameters()).device
         self.model_runner.reload_weights(weights_iterator=weight_sync.receive(self.rlkd_group, layout, device))
         return len(layout.names)

@@ -156,6 +156,9 @@ def measure(method_name: str, cfg_path: str, args, prep, trl_py, shape: list[str
     return summarize(method_name, runs, cfg)
 
 
+MOVED = ("scores/bytes", "sync/bytes", "memory/learner_peak_gib", "rollout/version_lag")  # per-step means kept
+
+
 def summarize(method_name: str, runs: dict, cfg) -> dict:
     out = {"method": method_name, "batch_size": cfg.train.batch_size, "max_new_tokens": cfg.data.max_response_tokens,
            "steps_measured": {k: len(v) for k, v in runs.items()}}
@@ -177,8 +180,6 @@ def summarize(method_name: str, runs: dict, cfg) -> dict:
                                                       / out["trl"]["onpolicy_tokens_per_s"])
     return out
 
-
-MOVED = ("scores/bytes", "sync/bytes", "memory/learner_peak_gib", "rollout/version_lag")
 
 
 def markdown(results: list[dict]) -> str:

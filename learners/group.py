@@ -75,7 +75,7 @@ class LearnerGroup:
         host, port = ray.get(self.workers[0].address.remote())
         world = 1 + len(rollout_actors)
         ray.get([self.workers[0].join_weight_group.remote(host, port, world, layout)] +
-                [a.join_weight_group.remote(host, port, 1 + i, world, layout) for i, a in enumerate(rollout_actors)])
+                [a.join_weight_group.remote(host, port, 1 + i, world) for i, a in enumerate(rollout_actors)])
         return (lambda: [w.send_weights.remote() for w in self.workers]), layout
 
     def save_student(self, out_dir: str) -> None:

@@ -75,6 +75,7 @@ class LearnerWorker:
         self.critic_reads_teacher = False
         self.slots: dict[str, list[Slot]] = {}  # micro-batches by slot name: 'step' (training), 'val'
         self.micro_batch_size: int | None = None
+        self.score_bytes = 0  # bytes of teacher scores the last load_batch received (metric scores/bytes)
 
     def address(self) -> tuple[str, int]:
         import ray
@@ -231,7 +232,7 @@ class LearnerWorker:
             engines[t].step()
         if "student" in targets:
             self._student_moved()
-        out.update(self._global({**sums, "scores/bytes": float(getattr(self, "score_bytes", 0))}))
+        out.update(self._global({**sums, "scores/bytes": float(self.score_bytes)}))
         out["memory/learner_peak_gib"] = _peak_gib()  # this rank's; every rank holds the same shapes
         return out
 

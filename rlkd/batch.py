@@ -132,7 +132,7 @@ def shard_named(named: dict, n: int) -> list[dict]:
 def split_named(named: dict, n: int) -> list[dict]:
     """Like shard_named, but the n contiguous row ranges may differ in size by one (micro-batches)."""
     def ranges(v):
-        size = len(v.logp) if isinstance(v, TeacherScores) else len(v)
+        size = _rows(v)
         cuts = [size * i // n for i in range(n + 1)]
         return [v.select(slice(a, b)) for a, b in zip(cuts, cuts[1:])]
     return [dict(zip(named, parts)) for parts in zip(*(ranges(v) for v in named.values()))] if named else [{}] * n
@@ -143,8 +143,12 @@ def _select(obj, rows):
                            if isinstance(getattr(obj, f.name), torch.Tensor)})
 
 
+def _rows(obj) -> int:
+    return len(obj.logp) if isinstance(obj, TeacherScores) else len(obj)
+
+
 def _shard(obj, n: int) -> list:
-    size = len(obj.logp) if isinstance(obj, TeacherScores) else len(obj)
+    size = _rows(obj)
     if size % n:
         raise ValueError(f"batch of {size} rows cannot be split evenly into {n} shards")
     k = size // n

@@ -241,4 +241,3 @@ class ActorGroup:
                 ray.get(actor.ready.options(max_task_retries=0).remote(), timeout=30)  # no retry, no warning
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 pass
-

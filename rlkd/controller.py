@@ -89,7 +89,7 @@ class Controller:
         shards = shard_named(batches, self.learners.size)
         n_tokens = {name: float(b.num_tokens()) for name, b in batches.items()}
         with self.phase("score"):
-            self.learners.load_batch(shards, self.score(shards), n_tokens, m.snapshot_old_logp)
+            self.learners.load_batch(shards, self.score(batches), n_tokens, m.snapshot_old_logp)
         if self.s.max_staleness > 0 and self.rollouts:
             self.prefetch(step + 1)  # the rollout actors generate step + 1 while the learners update
         # sync check: fresh rollout log-probs must equal the learner's (replayed or stale batches carry none)
@@ -190,20 +190,17 @@ class Controller:
         return self.teachers.spread("score", [(shard, hidden) for shard in batch.shard(self.learners.size)],
                                     wait=False)
 
-    def score(self, shards: list[dict[str, SequenceBatch]]) -> list[dict]:
+    def score(self, batches: dict[str, SequenceBatch]) -> list[dict]:
         """Teacher scores per learner shard, as ObjectRefs that go straight to the learners. Batches that
         `produce` already submitted (self.early) are not scored again."""
-        m = self.method
-        if not m.needs_teacher_scores:
-            return [{} for _ in shards]
-        hidden = m.critic_input == "teacher"
-        late = [name for name in shards[0] if name not in self.early]
-        calls = [(shard[name], hidden and name in m.critic_heads) for shard in shards for name in late]
-        refs = iter(self.teachers.spread("score", calls)) if calls else iter(())
-        fresh = [{name: next(refs) for name in late} for _ in shards]
-        self.teachers.wait([r for refs_ in self.early.values() for r in refs_])
-        return [{name: self.early[name][i] if name in self.early else fresh[i][name] for name in shard}
-                for i, shard in enumerate(shards)]
+        n = self.learners.size
+        if not self.method.needs_teacher_scores:
+            return [{} for _ in range(n)]
+        for name, batch in batches.items():
+            if name not in self.early:
+                self.early[name] = self._submit_scores(name, batch)
+        self.teachers.wait([r for refs in self.early.values() for r in refs])
+        return [{name: self.early[name][i] for name in batches} for i in range(n)]
 
     def critic_updates(self, check_sync: bool) -> dict[str, float]:
         """K critic (moment estimator) updates on the loaded batch; the student does not move."""

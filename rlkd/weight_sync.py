@@ -7,6 +7,7 @@ layout (names, shapes, dtype, buckets) is fixed when the group forms, so a sync 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -25,6 +26,12 @@ class Layout:
     dtype: str  # the engines' dtype, e.g. 'float32' or 'bfloat16'
     buckets: tuple[tuple[int, int], ...]
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Layout:
+        """Back from dataclasses.asdict (tuples may arrive as lists through an RPC)."""
+        return cls(tuple(d["names"]), tuple(tuple(x) for x in d["shapes"]), d["dtype"],
+                   tuple(tuple(x) for x in d["buckets"]))
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
@@ -32,7 +39,7 @@ class Layout:
     @property
     def nbytes(self) -> int:
         size = torch.empty((), dtype=self.torch_dtype).element_size()
-        return sum(_numel(s) for s in self.shapes) * size
+        return sum(math.prod(s) for s in self.shapes) * size
 
 
 def layout_of(named: list[tuple[str, torch.Size]], dtype: str, bucket_bytes: int = BUCKET_BYTES) -> Layout:
@@ -41,7 +48,7 @@ def layout_of(named: list[tuple[str, torch.Size]], dtype: str, bucket_bytes: int
     size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     buckets, start, filled = [], 0, 0
     for i, (_, shape) in enumerate(named):
-        n = _numel(shape) * size
+        n = math.prod(shape) * size
         if filled and filled + n > bucket_bytes:
             buckets.append((start, i))
             start, filled = i, 0
@@ -69,15 +76,9 @@ def send(group, tensors: list[torch.Tensor], layout: Layout) -> None:
 def receive(group, layout: Layout, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     """Ranks 1..n: (name, tensor) pairs as the buckets arrive; each tensor is a view of its bucket."""
     for start, stop in layout.buckets:
-        sizes = [_numel(s) for s in layout.shapes[start:stop]]
+        sizes = [math.prod(s) for s in layout.shapes[start:stop]]
         flat = torch.empty(sum(sizes), dtype=layout.torch_dtype, device=device)
         group.broadcast(flat, 0).wait()
         for name, shape, part in zip(layout.names[start:stop], layout.shapes[start:stop], flat.split(sizes)):
             yield name, part.view(shape)
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
