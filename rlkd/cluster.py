@@ -174,21 +174,21 @@ class ActorGroup:
         """The outputs of a submitted call. The actors must still hold the weights version of the
         submission (pending.version); a call that met a dead or restarted actor is recovered and run
         again at the current version, which then becomes pending.version."""
-        for attempt in range(self.max_retries + 1):
+        why, error = None, None
+        for _ in range(self.max_retries + 1):
             try:
+                if why is not None:  # inside the try: an actor may fail again while it is being recovered
+                    self._recover(why)
+                    pending = self._resubmit(pending)
                 outs = ray.get(pending.refs)
             except ray.exceptions.RayActorError as e:
-                if attempt == self.max_retries:
-                    raise
-                self._recover(f"an actor died ({type(e).__name__})")
-                pending = self._resubmit(pending)
+                why, error = f"an actor died or is restarting ({type(e).__name__})", e
                 continue
             if all(o.get("version", pending.version) == pending.version for o in outs):
                 self.seconds = max(o.get("seconds", 0.0) for o in outs)
                 return {k: [x for o in outs for x in o[k]] for k in outs[0] if k not in ("seconds", "version")}
-            self._recover("a restarted actor generated with its initial weights")
-            pending = self._resubmit(pending)
-        raise RuntimeError(f"{pending.method} failed {self.max_retries + 1} times in a row (see the warnings above)")
+            why = "a restarted actor generated with its initial weights"
+        raise RuntimeError(f"{pending.method} failed {self.max_retries + 1} times in a row; last: {why}") from error
 
     def _resubmit(self, pending: Pending) -> Pending:
         again = self.submit(pending.method, pending.items, pending.seed, **pending.kwargs)
@@ -228,7 +228,8 @@ class ActorGroup:
         if self.sender is not None:  # a restarted actor is outside the group: weights go by object store now
             print("rlkd: warning: weight sync falls back to the object store for the rest of the run", flush=True)
             self.sender = None
-        ray.get([a.ready.remote() for a in self.actors])
+        # at-least-once: a call to an actor Ray is still restarting raises ActorUnavailableError otherwise
+        ray.get([a.ready.options(max_task_retries=-1).remote() for a in self.actors])
         if self.weights is not None:
             self.update_weights()
 

@@ -1,4 +1,7 @@
-"""The one placement layout: what a run reserves, and where each role's actors go inside it."""
+"""The one placement layout (what a run reserves, where each role's actors go), and how an actor group
+recovers from an actor that dies."""
+import pytest
+
 from rlkd.algorithms import build_method
 from rlkd.cluster import Layout, layout
 from rlkd.config import load_config
@@ -30,3 +33,54 @@ def test_layout_of_counts():
     lay = Layout.of(learners=(1, {"CPU": 2.0}), teachers=(0, {"CPU": 1.0}), rollouts=(1, {"CPU": 1.0, "GPU": 1.0}))
     assert lay.bundles == [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 2.0}, {"CPU": 1.0, "GPU": 1.0}]
     assert lay.first("rollout") == 3
+
+
+def _flaky_class():
+    """Defined in a function so that Ray ships it by value (the workers cannot import this test module)."""
+
+    class _Flaky:
+        """A Ray actor that dies in its first `generate` and restarts slowly, so the group's recovery meets it
+        while Ray is still restarting it (the race that raised ActorUnavailableError from `ready`)."""
+
+        def __init__(self, marker: str):
+            import os
+            import time
+
+            import ray
+            self.marker = marker
+            if ray.get_runtime_context().was_current_actor_reconstructed:
+                time.sleep(2)
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+
+        def ready(self):
+            return True
+
+        def generate(self, chunk, seed):
+            import os
+            if not os.path.exists(self.marker):
+                open(self.marker, "w").close()
+                os._exit(1)
+            return {"x": chunk, "version": 0}
+
+    return _Flaky
+
+
+def _flaky_group(ray, tmp_path, restarts):
+    from rlkd.cluster import ActorGroup
+    actors = [ray.remote(_flaky_class()).options(max_restarts=restarts).remote(str(tmp_path / f"m{i}" / "died"))
+              for i in range(2)]
+    ray.get([a.ready.remote() for a in actors])
+    return ActorGroup(actors, max_retries=3)
+
+
+def test_actor_group_recovers_an_actor_that_dies_and_restarts_slowly(ray_cluster, tmp_path):
+    group = _flaky_group(ray_cluster, tmp_path, restarts=1)
+    assert group.split("generate", [1, 2, 3, 4], seed=0) == {"x": [1, 2, 3, 4]}
+    assert group.restarts >= 1
+
+
+def test_actor_group_gives_up_with_the_ray_error_as_cause(ray_cluster, tmp_path):
+    group = _flaky_group(ray_cluster, tmp_path, restarts=0)
+    with pytest.raises(RuntimeError, match="generate failed 4 times in a row") as err:
+        group.split("generate", [1, 2], seed=0)
+    assert isinstance(err.value.__cause__, ray_cluster.exceptions.RayActorError)
