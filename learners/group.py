@@ -55,7 +55,17 @@ class LearnerGroup:
               check_sync: bool = False, collapse: bool = True, slot: str = "step") -> dict[str, float]:
         """One step of the target(s) on every rank, on the shard in `slot`; returns the global metrics
         (identical on all ranks)."""
-        return ray.get([w.train.remote(objective, targets, check_sync, collapse, slot) for w in self.workers])[0]
+        return self.result(self.submit_train(objective, targets, check_sync, collapse, slot))
+
+    def submit_train(self, objective: Callable, targets: str | tuple[str, ...] = "student",
+                     check_sync: bool = False, collapse: bool = True, slot: str = "step") -> list:
+        """Start `train` without waiting; `result` waits for it."""
+        return [w.train.remote(objective, targets, check_sync, collapse, slot) for w in self.workers]
+
+    @staticmethod
+    def result(refs: list) -> dict[str, float]:
+        """The global metrics of a submitted `train` (identical on all ranks)."""
+        return ray.get(refs)[0]
 
     def evaluate(self, objective: Callable, slot: str = "step") -> dict[str, float]:
         """The objective's global metrics on the shard in `slot`, no update."""

@@ -4,10 +4,11 @@
     cached teacher generations / student rollouts / teacher-mixed rollouts) -> settle (replay buffers)
     -> teacher scores -> K critic updates -> student update(s) -> weight sync -> (validation)
 
-With rollout.max_staleness = 1, the next step's prompts, plan and rollouts are submitted right after this
-step's batch is loaded, so the rollout actors generate step t+1 while the learners update on step t; step
-t+1 then trains on samples one student update old (metric rollout/version_lag), and the sync check runs
-only on batches sampled with the learners' current weights.
+With rollout.max_staleness = 1, the next step's prompts, plan and rollouts are submitted as soon as this
+step's sequences exist, so the rollout actors generate step t+1 while the teacher scores and the learners
+update step t; once the student update is submitted, the driver collects those rollouts and starts their
+teacher scoring too (`score_prefetched`). Step t+1 then trains on samples one student update old (metric
+rollout/version_lag), and the sync check runs only on batches sampled with the learners' current weights.
 
 It holds groups, not actors: `ActorGroup`s of teacher and rollout actors (rlkd.cluster) and a
 LearnerGroup-like object, so it never imports actors/ or learners/, and tests can hand it fakes.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rlkd.algorithms import Method
 from rlkd.batch import SequenceBatch, shard_named
@@ -49,6 +50,16 @@ class Prefetch:
     state: dict  # the controller's state before these rows were drawn: a checkpoint taken now replays them
     policy_version: int  # student updates in the weights the rollout actors held at submission
     schedule_metrics: dict  # the schedule's metrics of the step before (planning this step changes them)
+    collected: dict = field(default_factory=dict)  # batch name -> Rollout, once score_prefetched has it
+    scores: dict = field(default_factory=dict)  # batch name -> its score ObjectRefs, submitted early
+
+
+@dataclass
+class Rollout:
+    """One rollout call's outputs, the student updates in the weights that sampled them, and the actors' time."""
+    out: dict
+    policy_version: int
+    seconds: float
 
 
 class Controller:
@@ -86,12 +97,12 @@ class Controller:
         else:
             pre, rows, plan = None, self.sampler.next(self.s.batch_size), m.schedule.plan(step)
         batches = m.schedule.settle(self.produce(plan, rows, step, pre), len(rows), self.s.pad_id)
+        if self.s.max_staleness > 0 and self.rollouts:
+            self.prefetch(step + 1)  # the rollout actors generate step + 1 while this step is scored and trained
         shards = shard_named(batches, self.learners.size)
         n_tokens = {name: float(b.num_tokens()) for name, b in batches.items()}
         with self.phase("score"):
             self.learners.load_batch(shards, self.score(batches), n_tokens, m.snapshot_old_logp)
-        if self.s.max_staleness > 0 and self.rollouts:
-            self.prefetch(step + 1)  # the rollout actors generate step + 1 while the learners update
         # sync check: fresh rollout log-probs must equal the learner's (replayed or stale batches carry none)
         check = self.synced and not any(self.lags) and any(b.rollout_logprobs is not None for b in batches.values())
         if m.critic_objective is not None:
@@ -108,7 +119,8 @@ class Controller:
         if self.lags:
             metrics["rollout/version_lag"] = float(max(self.lags))
         if self.s.max_staleness > 0:
-            metrics["rollout/queue_depth"] = float(self.prefetched is not None and bool(self.prefetched.pending))
+            pre = self.prefetched
+            metrics["rollout/queue_depth"] = float(pre is not None and len(pre.pending) + len(pre.collected))
         return self._finish(step, metrics, n_tokens, t_start)
 
     def prefetch(self, step: int) -> None:
@@ -119,6 +131,17 @@ class Controller:
                    if source in (ROLLOUT, MIXED)}
         self.prefetched = Prefetch(step, rows, plan, pending, state, self.actor_version, schedule_metrics)
 
+    def score_prefetched(self) -> None:
+        """Collect the prefetched rollouts and submit their teacher scoring now (the learners are updating
+        meanwhile), so step t+1 need not wait for its scores after step t's update."""
+        pre = self.prefetched
+        for name in list(pre.pending):
+            pre.collected[name] = self._gather_rollout(pre.pending.pop(name), pre.policy_version)
+            if self.method.needs_teacher_scores and self.method.schedule.keeps(name):
+                batch = SequenceBatch.collate([r.prompt_ids for r in pre.rows], pre.collected[name].out["responses"],
+                                              self.s.pad_id)
+                pre.scores[name] = self._submit_scores(name, batch)
+
     # ---- phases -------------------------------------------------------------------------------
 
     def produce(self, plan: dict[str, str], rows: list[TokenizedExample], step: int, pre: Prefetch | None = None
@@ -128,8 +151,10 @@ class Controller:
         the teacher actors sample teacher generations."""
         pending = dict(pre.pending) if pre is not None else {}
         version = {name: pre.policy_version for name in pending}
+        collected = pre.collected if pre is not None else {}  # Rollouts score_prefetched already waited for
+        self.early = dict(pre.scores) if pre is not None else {}
         for name, source in plan.items():
-            if source in (ROLLOUT, MIXED) and name not in pending:
+            if source in (ROLLOUT, MIXED) and name not in pending and name not in collected:
                 pending[name], version[name] = self._submit_rollout(rows, step, source == MIXED), self.actor_version
         out = {}
         for name, source in sorted(plan.items(), key=lambda kv: kv[1] in (ROLLOUT, MIXED)):  # ready ones first
@@ -139,11 +164,13 @@ class Controller:
             elif source == TEACHER_GEN:
                 out[name] = self._teacher_generated(rows, step)
             elif source in (ROLLOUT, MIXED):
-                with self.phase("rollout"):  # the wait for the rollout actors, not their whole generation time
-                    out[name] = self._collect_rollout(rows, pending[name], version[name])
+                with self.phase("rollout"):  # the wait for the rollout actors (none if score_prefetched waited)
+                    got = collected.get(name) or self._gather_rollout(pending[name], version[name])
+                out[name] = self._rollout_batch(rows, got)
             elif source != REPLAY:
                 raise ValueError(f"unknown data source {source!r}")
-            if name in out and self.method.needs_teacher_scores and self.method.schedule.keeps(name):
+            if name in out and name not in self.early and self.method.needs_teacher_scores \
+                    and self.method.schedule.keeps(name):
                 self.early[name] = self._submit_scores(name, out[name])  # the teacher starts on it now
         return {name: out[name] for name in plan if name in out}
 
@@ -157,17 +184,22 @@ class Controller:
         return self.rollouts.submit("generate", prompts, seed, max_new_tokens=s.max_new_tokens,
                                     temperature=temperature, top_p=s.top_p)
 
-    def _collect_rollout(self, rows: list[TokenizedExample], pending, policy_version: int) -> SequenceBatch:
-        """The submitted rollout as a batch. A stale one (sampled before the student's last update) carries
-        its sampling log-probs as behaviour log-probs too: the PPO ratio and AMMD's policy gradient then
-        correct for the lag (docs/algorithms.md#staleness)."""
+    def _gather_rollout(self, pending, policy_version: int) -> Rollout:
+        """Wait for a submitted rollout call; `policy_version`: the student updates in the weights it was
+        submitted with."""
         sent = pending.version
         out = self.rollouts.collect(pending)
         if pending.version != sent:  # recovered and regenerated with the current weights
             policy_version = self.actor_version
-        lag = self.policy_version - policy_version
+        return Rollout(out, policy_version, self.rollouts.seconds)
+
+    def _rollout_batch(self, rows: list[TokenizedExample], got: Rollout) -> SequenceBatch:
+        """A rollout as this step's batch. A stale one (sampled before the student's last update) carries
+        its sampling log-probs as behaviour log-probs too: the PPO ratio and AMMD's policy gradient then
+        correct for the lag (docs/algorithms.md#staleness)."""
+        out, lag = got.out, self.policy_version - got.policy_version
         self.lags.append(lag)
-        self.timings["timing/rollout_actor"] = self.rollouts.seconds
+        self.timings["timing/rollout_actor"] = got.seconds
         self.generated_tokens += sum(len(r) for r in out["responses"])
         behavior = out.get("behavior_logprobs") or (out["logprobs"] if lag > 0 else None)
         return SequenceBatch.collate([r.prompt_ids for r in rows], out["responses"], self.s.pad_id, out["logprobs"],
@@ -212,10 +244,14 @@ class Controller:
 
     def policy_updates(self, check_sync: bool) -> dict[str, float]:
         """The student's update(s); PPO runs several epochs and reports the first (pre-update) one."""
-        m = self.method
-        with self.phase("policy"):
-            epochs = [self.learners.train(m.policy_objective, m.train_targets, check_sync and e == 0, collapse=e == 0)
-                      for e in range(m.policy_epochs)]
+        m, epochs = self.method, []
+        for e in range(m.policy_epochs):
+            refs = self.learners.submit_train(m.policy_objective, m.train_targets, check_sync and e == 0, e == 0)
+            if e == 0 and self.prefetched is not None:
+                with self.phase("prefetch"):  # the driver's wait for the next rollouts; the learners update
+                    self.score_prefetched()
+            with self.phase("policy"):  # the rest of the update
+                epochs.append(self.learners.result(refs))
         self.synced = False
         self.policy_version += 1
         metrics = dict(epochs[0])
@@ -270,8 +306,8 @@ class Controller:
                         "tokens/generated": float(self.generated_tokens),
                         "throughput/tokens_per_s": trained / elapsed, "data/position": self.sampler.position,
                         "actors/restarts": float(sum(g.restarts for g in (self.rollouts, self.teachers) if g))})
-        if "timing/rollout" in self.timings:
-            metrics["throughput/rollout_tokens_per_s"] = self.generated_tokens / self.timings["timing/rollout"]
+        if self.timings.get("timing/rollout_actor"):  # the rollout engine's own speed (its time, not the wait)
+            metrics["throughput/rollout_tokens_per_s"] = self.generated_tokens / self.timings["timing/rollout_actor"]
         return metrics
 
     def _check_sync(self, metrics: dict, step: int) -> None:
