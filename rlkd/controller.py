@@ -50,6 +50,7 @@ class Prefetch:
     state: dict  # the controller's state before these rows were drawn: a checkpoint taken now replays them
     policy_version: int  # student updates in the weights the rollout actors held at submission
     schedule_metrics: dict  # the schedule's metrics of the step before (planning this step changes them)
+    teacher_gen: tuple | None = None  # (rows, Pending) of the teacher generations it needs, if not cached
     collected: dict = field(default_factory=dict)  # batch name -> Rollout, once score_prefetched has it
     scores: dict = field(default_factory=dict)  # batch name -> its score ObjectRefs, submitted early
 
@@ -129,17 +130,27 @@ class Controller:
         rows, plan = self.sampler.next(self.s.batch_size), self.method.schedule.plan(step)
         pending = {name: self._submit_rollout(rows, step, source == MIXED) for name, source in plan.items()
                    if source in (ROLLOUT, MIXED)}
-        self.prefetched = Prefetch(step, rows, plan, pending, state, self.actor_version, schedule_metrics)
+        teacher_gen = self._submit_teacher_gen(rows, step) if TEACHER_GEN in plan.values() else None
+        self.prefetched = Prefetch(step, rows, plan, pending, state, self.actor_version, schedule_metrics, teacher_gen)
 
     def score_prefetched(self) -> None:
         """Collect the prefetched rollouts and submit their teacher scoring now (the learners are updating
         meanwhile), so step t+1 need not wait for its scores after step t's update."""
-        pre = self.prefetched
+        pre, prompts = self.prefetched, [r.prompt_ids for r in self.prefetched.rows]
+        ready = {}
         for name in list(pre.pending):
             pre.collected[name] = self._gather_rollout(pre.pending.pop(name), pre.policy_version)
+            ready[name] = SequenceBatch.collate(prompts, pre.collected[name].out["responses"], self.s.pad_id)
+        if pre.teacher_gen is not None:
+            self._cache_teacher_gen(*pre.teacher_gen)
+            pre.teacher_gen = None
+        for name, source in pre.plan.items():  # the batches that need no rollout are ready too
+            if source == GOLD:
+                ready[name] = self._gold(pre.rows)
+            elif source == TEACHER_GEN:
+                ready[name] = self._teacher_generated(pre.rows, pre.step)
+        for name, batch in ready.items():
             if self.method.needs_teacher_scores and self.method.schedule.keeps(name):
-                batch = SequenceBatch.collate([r.prompt_ids for r in pre.rows], pre.collected[name].out["responses"],
-                                              self.s.pad_id)
                 pre.scores[name] = self._submit_scores(name, batch)
 
     # ---- phases -------------------------------------------------------------------------------
@@ -159,9 +170,12 @@ class Controller:
         out = {}
         for name, source in sorted(plan.items(), key=lambda kv: kv[1] in (ROLLOUT, MIXED)):  # ready ones first
             if source == GOLD:
-                out[name] = SequenceBatch.collate([r.prompt_ids for r in rows], [r.response_ids for r in rows],
-                                                  self.s.pad_id)
+                out[name] = self._gold(rows)
             elif source == TEACHER_GEN:
+                if pre is not None and pre.teacher_gen is not None:  # prefetched, not collected yet
+                    with self.phase("teacher_gen"):
+                        self._cache_teacher_gen(*pre.teacher_gen)
+                    pre.teacher_gen = None
                 out[name] = self._teacher_generated(rows, step)
             elif source in (ROLLOUT, MIXED):
                 with self.phase("rollout"):  # the wait for the rollout actors (none if score_prefetched waited)
@@ -205,16 +219,29 @@ class Controller:
         return SequenceBatch.collate([r.prompt_ids for r in rows], out["responses"], self.s.pad_id, out["logprobs"],
                                      behavior)
 
+    def _gold(self, rows: list[TokenizedExample]) -> SequenceBatch:
+        return SequenceBatch.collate([r.prompt_ids for r in rows], [r.response_ids for r in rows], self.s.pad_id)
+
     def _teacher_generated(self, rows: list[TokenizedExample], step: int) -> SequenceBatch:
         """Teacher responses, sampled once per prompt and cached (docs/algorithms.md#conventions)."""
-        todo = [r for r in rows if r.uid not in self.teacher_cache]
-        if todo:  # timed only when the teacher actually samples (cache hits cost nothing)
+        submitted = self._submit_teacher_gen(rows, step)
+        if submitted is not None:  # timed only when the teacher actually samples (cache hits cost nothing)
             with self.phase("teacher_gen"):
-                out = self.teachers.split("generate", [r.prompt_ids for r in todo], self.s.seed + 7 * step + 1,
-                                          max_new_tokens=self.s.max_new_tokens, temperature=self.s.temperature)
-            self.teacher_cache.update({r.uid: resp for r, resp in zip(todo, out["responses"])})
+                self._cache_teacher_gen(*submitted)
         return SequenceBatch.collate([r.prompt_ids for r in rows], [self.teacher_cache[r.uid] for r in rows],
                                      self.s.pad_id)
+
+    def _submit_teacher_gen(self, rows: list[TokenizedExample], step: int) -> tuple | None:
+        """(the rows not in the cache, the Pending teacher generation of them), or None if all are cached."""
+        todo = [r for r in rows if r.uid not in self.teacher_cache]
+        if not todo:
+            return None
+        return todo, self.teachers.submit("generate", [r.prompt_ids for r in todo], self.s.seed + 7 * step + 1,
+                                          max_new_tokens=self.s.max_new_tokens, temperature=self.s.temperature)
+
+    def _cache_teacher_gen(self, todo: list[TokenizedExample], pending) -> None:
+        out = self.teachers.collect(pending)
+        self.teacher_cache.update({r.uid: resp for r, resp in zip(todo, out["responses"])})
 
     def _submit_scores(self, name: str, batch: SequenceBatch) -> list:
         """Score ObjectRefs of batch `name`, one per learner shard, submitted without waiting."""

@@ -141,6 +141,19 @@ def test_staleness_one_generates_the_next_step_during_the_update():
     assert stale.behavior_logprobs is not None and (stale.behavior_logprobs == stale.rollout_logprobs).all()
 
 
+def test_staleness_one_prefetches_teacher_samples_and_scores_every_batch_early():
+    ctl, log = _controller("algo.method=ammd", "algo.ammd.critic_warmup_steps=1", staleness=1)
+    ctl.step(1)  # warm-up: no student update, so step 2's prefetched batches are not scored during it
+    assert log.count(("teacher", "generate")) == 2  # step 1's samples, and step 2's submitted with its rollout
+    log.clear()
+    ctl.step(2)
+    before_load = log[:log.index(("learners", "load step off,on"))]
+    assert ("teacher", "generate") not in before_load  # collected from the prefetch, not sampled again
+    log.clear()
+    ctl.step(3)  # both of step 3's batches (rollout and teacher samples) were scored during step 2's update
+    assert log[:2] == [("rollout", "generate"), ("learners", "load step off,on")]
+
+
 def test_staleness_needs_sync_every_one():
     from rlkd.config import ConfigError
 
