@@ -195,7 +195,9 @@ def markdown(results: list[dict]) -> str:
                 peak = f"{x['memory/learner_peak_gib']:.2f} GiB" if "memory/learner_peak_gib" in x else "-"
                 lines.append(f"| {r['shape']} | {r['method']} | {name} | {x['step_seconds_median']:.2f} s | "
                              f"{x['onpolicy_tokens_per_s']:.0f} | {moved} | {peak} | {phases or '-'} |")
-    lines.append("")
+    lines += ["", "Phases are the driver's waits, except rollout_actor (the rollout actor's own time). At staleness 1, "
+              "'prefetch' is the wait for the next step's rollouts while the learners update, and 'policy' the rest "
+              "of the update.", ""]
     for r in results:
         gaps = {k: v - r["bare"]["phases_mean"].get(k, 0.0) for k, v in r["rlkd"]["phases_mean"].items()
                 if k != "timing/rollout_actor"}  # the actor's own share of 'rollout', which the bare loop lacks
