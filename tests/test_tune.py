@@ -18,9 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "configs" / "sweeps" / "smoke.yaml"
 
 
-def _cmd(tmp_path):
+def _cmd(tmp_path, *overrides):
     return [sys.executable, "-m", "rlkd.main", "--config", str(SWEEP), f"run.output_dir={tmp_path}",
-            f"model.cache_dir={tmp_path / 'cache'}"]
+            f"model.cache_dir={tmp_path / 'cache'}", *overrides]
+
+
+# The interrupted sweep runs 12 steps, not 6: the Ctrl-C comes after the first checkpoint, and with 6 steps
+# the trials sometimes finished before Tune acted on it (a full test run here saw it once).
+LONG = ["train.steps=12"]
 
 
 def _env():
@@ -28,14 +33,14 @@ def _env():
             "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
 
 
-def check_finished(tmp_path):
-    """Both trials ran to the end (6 steps, COMPLETED) or ASHA stopped one at a milestone (3 steps)."""
+def check_finished(tmp_path, total: int = 6):
+    """Both trials ran to the end (`total` steps, COMPLETED) or ASHA stopped one at a milestone (>= 3 steps)."""
     runs = sorted((tmp_path / "smoke_sweep-trials" / "runs").iterdir())
     assert len(runs) == 2
     for run_dir in runs:
         steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         done = (run_dir / "COMPLETED").exists()
-        assert steps == list(range(1, 7 if done else len(steps) + 1)) and (done or len(steps) >= 3), steps
+        assert steps == list(range(1, total + 1 if done else len(steps) + 1)) and (done or len(steps) >= 3), steps
         assert (run_dir / "tensorboard").is_dir()
     assert any((d / "COMPLETED").exists() for d in runs)
     exp = tmp_path / "smoke_sweep"
@@ -59,13 +64,13 @@ def _reported_a_checkpoint(runs) -> bool:
 
 
 def test_interrupted_sweep_is_restored(tmp_path):
-    proc = subprocess.Popen(_cmd(tmp_path), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(_cmd(tmp_path, *LONG), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     runs = tmp_path / "smoke_sweep-trials" / "runs"
     deadline = time.time() + 600
     while time.time() < deadline and not _reported_a_checkpoint(runs):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(1)
+        time.sleep(0.2)
     proc.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and stops
     try:
         first_out = proc.communicate(timeout=300)[0]
@@ -75,10 +80,10 @@ def test_interrupted_sweep_is_restored(tmp_path):
     interrupted = [d for d in runs.iterdir() if not (d / "COMPLETED").exists()]
     assert interrupted, "the sweep finished before it was interrupted"
 
-    out = subprocess.run(_cmd(tmp_path), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    out = subprocess.run(_cmd(tmp_path, *LONG), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, first_out[-2000:] + out.stdout[-3000:] + out.stderr[-3000:]
     assert "restoring the unfinished sweep" in out.stdout
-    check_finished(tmp_path)
+    check_finished(tmp_path, total=12)
     assert "resumed from" in out.stdout + out.stderr  # a trial continued from its checkpoint
 
 
