@@ -134,8 +134,8 @@ class Controller:
         self.prefetched = Prefetch(step, rows, plan, pending, state, self.actor_version, schedule_metrics, teacher_gen)
 
     def score_prefetched(self) -> None:
-        """Collect the prefetched rollouts and submit their teacher scoring now (the learners are updating
-        meanwhile), so step t+1 need not wait for its scores after step t's update."""
+        """Collect the prefetched step's rollouts and teacher samples and submit the scoring of every batch
+        that needs no replay buffer, while the learners update: step t+1 then starts with its scores on the way."""
         pre, prompts = self.prefetched, [r.prompt_ids for r in self.prefetched.rows]
         ready = {}
         for name in list(pre.pending):
