@@ -125,7 +125,8 @@ class Controller:
         return self._finish(step, metrics, n_tokens, t_start)
 
     def prefetch(self, step: int) -> None:
-        """Draw step `step`'s prompts and plan now and submit its rollouts without waiting for them."""
+        """Draw step `step`'s prompts and plan now, and submit its rollouts and any teacher samples it needs
+        without waiting for them."""
         state, schedule_metrics = self.state_dict(), self.method.schedule.metrics()
         rows, plan = self.sampler.next(self.s.batch_size), self.method.schedule.plan(step)
         pending = {name: self._submit_rollout(rows, step, source == MIXED) for name, source in plan.items()
