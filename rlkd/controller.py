@@ -120,8 +120,8 @@ class Controller:
         if self.lags:
             metrics["rollout/version_lag"] = float(max(self.lags))
         if self.s.max_staleness > 0:
-            pre = self.prefetched
-            metrics["rollout/queue_depth"] = float(pre is not None and len(pre.pending) + len(pre.collected))
+            ahead = self.prefetched  # step + 1, prefetched during this step
+            metrics["rollout/queue_depth"] = float(ahead is not None and len(ahead.pending) + len(ahead.collected))
         return self._finish(step, metrics, n_tokens, t_start)
 
     def prefetch(self, step: int) -> None:

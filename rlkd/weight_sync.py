@@ -38,14 +38,13 @@ class Layout:
 
     @property
     def nbytes(self) -> int:
-        size = torch.empty((), dtype=self.torch_dtype).element_size()
-        return sum(math.prod(s) for s in self.shapes) * size
+        return sum(math.prod(s) for s in self.shapes) * self.torch_dtype.itemsize
 
 
 def layout_of(named: list[tuple[str, torch.Size]], dtype: str, bucket_bytes: int = BUCKET_BYTES) -> Layout:
     """The layout of `named` (name, shape) pairs, e.g. a module's named_parameters(), which lists a tied
     weight once."""
-    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    size = getattr(torch, dtype).itemsize
     buckets, start, filled = [], 0, 0
     for i, (_, shape) in enumerate(named):
         n = math.prod(shape) * size
