@@ -61,7 +61,8 @@ def trl_block(py: Path, prep, tok, cfg, n: int, offset: int) -> list[dict]:
         if done.returncode:
             raise RuntimeError(f"TRL's GKDTrainer failed:\n{done.stderr[-3000:]}")
         out = json.loads((Path(d) / "out.json").read_text())
-    return [{"timing/step": t, "tokens/generated": g} for t, g in zip(out["step_seconds"], out["generated_tokens"])]
+    return [{"timing/step": t, "tokens/generated": g, "memory/learner_peak_gib": out["peak_rss_gib"]}
+            for t, g in zip(out["step_seconds"], out["generated_tokens"])]
 
 
 def _median(rows: list[dict], key: str) -> float:
@@ -185,7 +186,7 @@ def summarize(method_name: str, runs: dict, cfg) -> dict:
 
 def markdown(results: list[dict]) -> str:
     lines = ["| shape | method | engine | step time (median) | on-policy tokens/s | scores / weights moved per step | "
-             "learner peak | phases (mean s) |", "|---|---|---|---|---|---|---|---|"]
+             "learner peak (TRL: its process) | phases (mean s) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         for name in ("rlkd", "rlkd_stale1", "bare", "trl"):
             if name in r:

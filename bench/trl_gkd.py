@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import tempfile
 import time
 
@@ -66,7 +67,8 @@ def main() -> None:
     clock = StepClock()
     trainer.add_callback(clock)
     trainer.train()
-    json.dump({"step_seconds": clock.times, "generated_tokens": trainer.generated,
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    json.dump({"step_seconds": clock.times, "generated_tokens": trainer.generated, "peak_rss_gib": peak_gib,
                "trl_version": __import__("trl").__version__}, open(a.out, "w"))
 
 
