@@ -14,14 +14,17 @@ import ray
 
 def connect_ray(num_cpus: int = 0, log: Callable = print, address: str | None = None) -> bool:
     """Join a cluster only when asked: `address` (run.ray_address), RAY_ADDRESS (set under `ray job
-    submit`), or the cluster `ray start` recorded on this machine. Otherwise start a private local cluster
-    with `num_cpus` (0 = all) logical CPUs, which no other run joins (rlkd never uses address='auto',
+    submit`), or the cluster `ray start` recorded on this machine. 'local' in either (as for ray.init)
+    asks for a private cluster whatever else runs here; the tests set RAY_ADDRESS=local. Otherwise start a
+    private local cluster with `num_cpus` (0 = all) logical CPUs, which no other run joins (rlkd never uses address='auto',
     which would join any Ray instance on the machine, another run's included). Returns True if we
     started it (the caller then shuts it down)."""
     if ray.is_initialized():
         return False
     target, source = address or os.environ.get("RAY_ADDRESS") or None, "run.ray_address" if address else "RAY_ADDRESS"
-    if target is None:
+    if target == "local":
+        target = None
+    elif target is None:
         target, source = _ray_start_address(), "`ray start`"
     if target is not None:
         try:

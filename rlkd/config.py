@@ -233,7 +233,7 @@ class RunConfig:
     """Times Ray restarts a dead rollout or teacher actor (max_restarts); the interrupted call is retried."""
     ray_address: str | None = None
     """Ray cluster to join (host:port). null: RAY_ADDRESS, else the cluster `ray start` recorded on this
-    machine, else a private local cluster that no other run joins."""
+    machine, else a private local cluster that no other run joins. 'local': always a private cluster."""
     placement_timeout_s: float = 300.0
     """A run whose actors the cluster cannot place within this many seconds stops with one line naming
     what it asked for and what is free."""

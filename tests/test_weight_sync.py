@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import BACKENDS
 
 from rlkd import weight_sync
 
@@ -44,7 +45,7 @@ def test_broadcast_in_buckets_between_two_processes():
         assert got[str(i)].dtype == torch.bfloat16 and torch.equal(got[str(i)], t.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("backend", ["hf", "vllm"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_collective_sync_run_passes_the_sync_check(backend, ray_cluster, tmp_path):
     """GKD on-policy steps with rollout.weight_sync=collective: every step's fresh rollouts are checked
     against the learner (sync/logprob_gap_train under rollout.sync_check_tol=1e-3)."""
