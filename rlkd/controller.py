@@ -1,13 +1,13 @@
 """The single controller: one training step, read top to bottom in `step`.
 
-    prompts -> plan (the method's schedule names each batch's source) -> produce the sequences (gold /
-    cached teacher generations / student rollouts / teacher-mixed rollouts) -> settle (replay buffers)
-    -> teacher scores -> K critic updates -> student update(s) -> weight sync -> (validation)
+    take the step's inputs (prompts -> plan -> sequences -> teacher scores submitted) -> (submit the next
+    step's inputs) -> load -> K critic updates -> student update(s) -> weight sync -> (validation)
 
-With rollout.max_staleness = 1, the next step's prompts, plan and rollouts are submitted as soon as this
-step's sequences exist, so the rollout actors generate step t+1 while the teacher scores and the learners
-update step t; once the student update is submitted, the driver collects those rollouts and starts their
-teacher scoring too (`score_prefetched`). Step t+1 then trains on samples one student update old (metric
+A step's inputs are an `Inputs` future: `submit_inputs` draws the prompts and the method's plan and
+submits the rollouts and teacher generations; `collect_inputs` waits for what is ready and submits the
+teacher scoring of every batch as soon as it exists. With rollout.max_staleness = 1 the same two functions
+make the next step's inputs: submitted once this step's sequences exist, collected (and scored) while the
+learners update this step. Step t+1 then trains on samples one student update old (metric
 rollout/version_lag), and the sync check runs only on batches sampled with the learners' current weights.
 
 It holds groups, not actors: `ActorGroup`s of teacher and rollout actors (rlkd.cluster) and a
@@ -41,18 +41,20 @@ class StepSettings:
 
 
 @dataclass
-class Prefetch:
-    """Step `step`'s prompts and plan, drawn early, and its rollouts, submitted to the rollout actors."""
+class Inputs:
+    """One step's inputs, in flight: its prompts and plan, the calls submitted for them, and what has come
+    back. `submit_inputs` makes it; `collect_inputs` advances it (as often as called; it never repeats work)."""
     step: int
     rows: list[TokenizedExample]
-    plan: dict[str, str]
-    pending: dict  # batch name -> rlkd.cluster.Pending
+    plan: dict[str, str]  # batch name -> source (rlkd.schedules)
     state: dict  # the controller's state before these rows were drawn: a checkpoint taken now replays them
+    schedule_metrics: dict  # the schedule's metrics before this plan (planning changes them)
     policy_version: int  # student updates in the weights the rollout actors held at submission
-    schedule_metrics: dict  # the schedule's metrics of the step before (planning this step changes them)
-    teacher_gen: tuple | None = None  # (rows, Pending) of the teacher generations it needs, if not cached
-    collected: dict = field(default_factory=dict)  # batch name -> Rollout, once score_prefetched has it
-    scores: dict = field(default_factory=dict)  # batch name -> its score ObjectRefs, submitted early
+    pending: dict = field(default_factory=dict)  # batch name -> rlkd.cluster.Pending rollout
+    teacher_gen: tuple | None = None  # (rows, Pending) of the teacher generations not in the cache
+    rollouts: dict = field(default_factory=dict)  # batch name -> Rollout, once collected
+    ready: dict = field(default_factory=dict)  # batch name -> SequenceBatch (gold, teacher-generated, rollout)
+    scores: dict = field(default_factory=dict)  # batch name -> score ObjectRefs per learner shard
 
 
 @dataclass
@@ -61,6 +63,11 @@ class Rollout:
     out: dict
     policy_version: int
     seconds: float
+
+
+@contextmanager
+def _untimed(name: str):
+    yield
 
 
 class Controller:
@@ -77,8 +84,7 @@ class Controller:
         self.policy_version = 0  # student updates so far
         self.actor_version = 0  # student updates in the weights the rollout actors hold
         self.lags: list[int] = []  # this step's rollout batches: student updates between sampling and training
-        self.prefetched: Prefetch | None = None
-        self.early: dict[str, list] = {}  # batch name -> score ObjectRefs per learner shard, submitted in produce
+        self.ahead: Inputs | None = None  # the next step's inputs, in flight (rollout.max_staleness = 1)
 
     @contextmanager
     def phase(self, name: str):
@@ -90,20 +96,19 @@ class Controller:
 
     def step(self, step: int) -> dict[str, float]:
         """Run training step `step` (1-based); returns its metrics, including timing/<phase>."""
-        m, metrics, self.timings, self.generated_tokens, self.lags, self.early = self.method, {}, {}, 0, [], {}
+        m, metrics, self.timings, self.generated_tokens, self.lags = self.method, {}, {}, 0, []
         t_start = time.perf_counter()
-        pre, self.prefetched = self.prefetched, None
-        if pre is not None and pre.step == step:
-            rows, plan = pre.rows, pre.plan
-        else:
-            pre, rows, plan = None, self.sampler.next(self.s.batch_size), m.schedule.plan(step)
-        batches = m.schedule.settle(self.produce(plan, rows, step, pre), len(rows), self.s.pad_id)
+        inputs, self.ahead = self.ahead, None
+        if inputs is None or inputs.step != step:
+            inputs = self.submit_inputs(step)
+        self.collect_inputs(inputs)
+        batches = m.schedule.settle(self._training_batches(inputs), len(inputs.rows), self.s.pad_id)
         if self.s.max_staleness > 0 and self.rollouts:
-            self.prefetch(step + 1)  # the rollout actors generate step + 1 while this step is scored and trained
+            self.ahead = self.submit_inputs(step + 1, ahead=True)  # generated while this step trains
         shards = shard_named(batches, self.learners.size)
         n_tokens = {name: float(b.num_tokens()) for name, b in batches.items()}
         with self.phase("score"):
-            self.learners.load_batch(shards, self.score(batches), n_tokens, m.snapshot_old_logp)
+            self.learners.load_batch(shards, self.score(batches, inputs.scores), n_tokens, m.snapshot_old_logp)
         # sync check: fresh rollout log-probs must equal the learner's (replayed or stale batches carry none)
         check = self.synced and not any(self.lags) and any(b.rollout_logprobs is not None for b in batches.values())
         if m.critic_objective is not None:
@@ -116,78 +121,68 @@ class Controller:
         if m.validate_every and step % m.validate_every == 0:
             metrics["val/ce"] = self.validation_ce()
             m.schedule.on_validation(metrics["val/ce"])
-        metrics.update(self.prefetched.schedule_metrics if self.prefetched else m.schedule.metrics())
+        metrics.update(self.ahead.schedule_metrics if self.ahead else m.schedule.metrics())
         if self.lags:
             metrics["rollout/version_lag"] = float(max(self.lags))
         if self.s.max_staleness > 0:
-            ahead = self.prefetched  # step + 1, prefetched during this step
-            metrics["rollout/queue_depth"] = float(ahead is not None and len(ahead.pending) + len(ahead.collected))
+            ahead = self.ahead
+            metrics["rollout/queue_depth"] = float(ahead is not None and len(ahead.pending) + len(ahead.rollouts))
         return self._finish(step, metrics, n_tokens, t_start)
 
-    def prefetch(self, step: int) -> None:
-        """Draw step `step`'s prompts and plan now, and submit its rollouts and any teacher samples it needs
-        without waiting for them."""
-        state, schedule_metrics = self.state_dict(), self.method.schedule.metrics()
+    # ---- a step's inputs: submitted, then collected (this step's, or the next one's ahead) ----------
+
+    def submit_inputs(self, step: int, ahead: bool = False) -> Inputs:
+        """Draw step `step`'s prompts and plan, and submit its rollouts, then the teacher generations it needs
+        (so the rollout actors generate while the teacher samples), without waiting. `ahead`: drawn before
+        the current step ends, so keep the state a checkpoint taken now must replay from."""
+        state = self.state_dict() if ahead else {}
+        schedule_metrics = self.method.schedule.metrics() if ahead else {}
         rows, plan = self.sampler.next(self.s.batch_size), self.method.schedule.plan(step)
-        pending = {name: self._submit_rollout(rows, step, source == MIXED) for name, source in plan.items()
-                   if source in (ROLLOUT, MIXED)}
-        teacher_gen = self._submit_teacher_gen(rows, step) if TEACHER_GEN in plan.values() else None
-        self.prefetched = Prefetch(step, rows, plan, pending, state, self.actor_version, schedule_metrics, teacher_gen)
+        inp = Inputs(step, rows, plan, state, schedule_metrics, self.actor_version)
+        inp.pending = {name: self._submit_rollout(rows, step, source == MIXED) for name, source in plan.items()
+                       if source in (ROLLOUT, MIXED)}
+        if TEACHER_GEN in plan.values():
+            inp.teacher_gen = self._submit_teacher_gen(rows, step)
+        return inp
 
-    def score_prefetched(self) -> None:
-        """Collect the prefetched step's rollouts and teacher samples and submit the scoring of every batch
-        that needs no replay buffer, while the learners update: step t+1 then starts with its scores on the way."""
-        pre, prompts = self.prefetched, [r.prompt_ids for r in self.prefetched.rows]
-        ready = {}
-        for name in list(pre.pending):
-            pre.collected[name] = self._gather_rollout(pre.pending.pop(name), pre.policy_version)
-            ready[name] = SequenceBatch.collate(prompts, pre.collected[name].out["responses"], self.s.pad_id)
-        if pre.teacher_gen is not None:
-            self._cache_teacher_gen(*pre.teacher_gen)
-            pre.teacher_gen = None
-        for name, source in pre.plan.items():  # the batches that need no rollout are ready too
+    def collect_inputs(self, inp: Inputs, timed: bool = True) -> None:
+        """Make every batch of `inp` that can be made, the ready sources first (REPLAY batches come from the
+        schedule's buffer in `settle`), and submit each one's teacher scoring as soon as it exists. Work done
+        by an earlier call is not repeated. timed=False: the caller times the whole call."""
+        phase = self.phase if timed else _untimed
+        prompts = [r.prompt_ids for r in inp.rows]
+        for name, source in sorted(inp.plan.items(), key=lambda kv: kv[1] in (ROLLOUT, MIXED)):
+            if name in inp.ready or source == REPLAY:
+                continue
             if source == GOLD:
-                ready[name] = self._gold(pre.rows)
+                inp.ready[name] = self._gold(inp.rows)
             elif source == TEACHER_GEN:
-                ready[name] = self._teacher_generated(pre.rows, pre.step)
-        for name, batch in ready.items():
-            if self.method.needs_teacher_scores and self.method.schedule.keeps(name):
-                pre.scores[name] = self._submit_scores(name, batch)
-
-    # ---- phases -------------------------------------------------------------------------------
-
-    def produce(self, plan: dict[str, str], rows: list[TokenizedExample], step: int, pre: Prefetch | None = None
-                ) -> dict[str, SequenceBatch]:
-        """The planned sequences for the step's prompts (REPLAY batches come from the schedule's buffer).
-        Rollouts are submitted first (unless `prefetch` already did), so the rollout actors generate while
-        the teacher actors sample teacher generations."""
-        pending = dict(pre.pending) if pre is not None else {}
-        version = {name: pre.policy_version for name in pending}
-        collected = pre.collected if pre is not None else {}  # Rollouts score_prefetched already waited for
-        self.early = dict(pre.scores) if pre is not None else {}
-        for name, source in plan.items():
-            if source in (ROLLOUT, MIXED) and name not in pending and name not in collected:
-                pending[name], version[name] = self._submit_rollout(rows, step, source == MIXED), self.actor_version
-        out = {}
-        for name, source in sorted(plan.items(), key=lambda kv: kv[1] in (ROLLOUT, MIXED)):  # ready ones first
-            if source == GOLD:
-                out[name] = self._gold(rows)
-            elif source == TEACHER_GEN:
-                if pre is not None and pre.teacher_gen is not None:  # prefetched, not collected yet
-                    with self.phase("teacher_gen"):
-                        self._cache_teacher_gen(*pre.teacher_gen)
-                    pre.teacher_gen = None
-                out[name] = self._teacher_generated(rows, step)
+                if inp.teacher_gen is not None:  # timed only when the teacher actually samples
+                    with phase("teacher_gen"):
+                        self._cache_teacher_gen(*inp.teacher_gen)
+                    inp.teacher_gen = None
+                responses = [self.teacher_cache[r.uid] for r in inp.rows]
+                inp.ready[name] = SequenceBatch.collate(prompts, responses, self.s.pad_id)
             elif source in (ROLLOUT, MIXED):
-                with self.phase("rollout"):  # the wait for the rollout actors (none if score_prefetched waited)
-                    got = collected.get(name) or self._gather_rollout(pending[name], version[name])
-                out[name] = self._rollout_batch(rows, got)
-            elif source != REPLAY:
+                with phase("rollout"):  # the driver's wait for the rollout actors
+                    inp.rollouts[name] = self._gather_rollout(inp.pending.pop(name), inp.policy_version)
+                inp.ready[name] = SequenceBatch.collate(prompts, inp.rollouts[name].out["responses"], self.s.pad_id)
+            else:
                 raise ValueError(f"unknown data source {source!r}")
-            if name in out and name not in self.early and self.method.needs_teacher_scores \
-                    and self.method.schedule.keeps(name):
-                self.early[name] = self._submit_scores(name, out[name])  # the teacher starts on it now
-        return {name: out[name] for name in plan if name in out}
+            if self.method.needs_teacher_scores and self.method.schedule.keeps(name):
+                inp.scores[name] = self._submit_scores(name, inp.ready[name])  # the teacher starts on it now
+
+    def _training_batches(self, inp: Inputs) -> dict[str, SequenceBatch]:
+        """The collected batches in plan order; rollouts carry their log-probs and, if stale, the lag
+        correction (known only now, at training time)."""
+        out = {}
+        for name in inp.plan:
+            if name in inp.rollouts:
+                self.timings.setdefault("timing/rollout", 0.0)  # collected while the last step trained
+                out[name] = self._rollout_batch(inp.rows, inp.rollouts[name])
+            elif name in inp.ready:
+                out[name] = inp.ready[name]
+        return out
 
     def _submit_rollout(self, rows: list[TokenizedExample], step: int, mixed: bool):
         prompts, s = [r.prompt_ids for r in rows], self.s
@@ -223,15 +218,6 @@ class Controller:
     def _gold(self, rows: list[TokenizedExample]) -> SequenceBatch:
         return SequenceBatch.collate([r.prompt_ids for r in rows], [r.response_ids for r in rows], self.s.pad_id)
 
-    def _teacher_generated(self, rows: list[TokenizedExample], step: int) -> SequenceBatch:
-        """Teacher responses, sampled once per prompt and cached (docs/algorithms.md#conventions)."""
-        submitted = self._submit_teacher_gen(rows, step)
-        if submitted is not None:  # timed only when the teacher actually samples (cache hits cost nothing)
-            with self.phase("teacher_gen"):
-                self._cache_teacher_gen(*submitted)
-        return SequenceBatch.collate([r.prompt_ids for r in rows], [self.teacher_cache[r.uid] for r in rows],
-                                     self.s.pad_id)
-
     def _submit_teacher_gen(self, rows: list[TokenizedExample], step: int) -> tuple | None:
         """(the rows not in the cache, the Pending teacher generation of them), or None if all are cached."""
         todo = [r for r in rows if r.uid not in self.teacher_cache]
@@ -250,17 +236,15 @@ class Controller:
         return self.teachers.spread("score", [(shard, hidden) for shard in batch.shard(self.learners.size)],
                                     wait=False)
 
-    def score(self, batches: dict[str, SequenceBatch]) -> list[dict]:
-        """Teacher scores per learner shard, as ObjectRefs that go straight to the learners. Batches that
-        `produce` already submitted (self.early) are not scored again."""
+    def score(self, batches: dict[str, SequenceBatch], submitted: dict[str, list]) -> list[dict]:
+        """Teacher scores per learner shard, as ObjectRefs that go straight to the learners. Batches whose
+        scoring `collect_inputs` already submitted are not scored again."""
         n = self.learners.size
         if not self.method.needs_teacher_scores:
             return [{} for _ in range(n)]
-        for name, batch in batches.items():
-            if name not in self.early:
-                self.early[name] = self._submit_scores(name, batch)
-        self.teachers.wait([r for refs in self.early.values() for r in refs])
-        return [{name: self.early[name][i] for name in batches} for i in range(n)]
+        refs = {name: submitted.get(name) or self._submit_scores(name, b) for name, b in batches.items()}
+        self.teachers.wait([r for shard_refs in refs.values() for r in shard_refs])
+        return [{name: refs[name][i] for name in batches} for i in range(n)]
 
     def critic_updates(self, check_sync: bool) -> dict[str, float]:
         """K critic (moment estimator) updates on the loaded batch; the student does not move."""
@@ -275,9 +259,9 @@ class Controller:
         m, epochs = self.method, []
         for e in range(m.policy_epochs):
             refs = self.learners.submit_train(m.policy_objective, m.train_targets, check_sync and e == 0, e == 0)
-            if e == 0 and self.prefetched is not None:
+            if e == 0 and self.ahead is not None:
                 with self.phase("prefetch"):  # the driver's wait for the next rollouts; the learners update
-                    self.score_prefetched()
+                    self.collect_inputs(self.ahead, timed=False)
             with self.phase("policy"):  # the rest of the update
                 epochs.append(self.learners.result(refs))
         self.synced = False
@@ -314,13 +298,13 @@ class Controller:
 
     def state_dict(self) -> dict:
         """Data position and sampler RNG, and the schedule's RNGs and replay buffers (JSON-able); as they
-        were before a prefetch, so a resumed run draws the prefetched step again."""
-        if self.prefetched is not None:
-            return self.prefetched.state
+        were before the next step's inputs were drawn ahead, so a resumed run draws that step again."""
+        if self.ahead is not None:
+            return self.ahead.state
         return {"sampler": self.sampler.state_dict(), "schedule": self.method.schedule.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.prefetched = None
+        self.ahead = None
         self.sampler.load_state_dict(state["sampler"])
         self.method.schedule.load_state_dict(state["schedule"])
         self.synced = False  # the learners were restored from the checkpoint; the rollout actors were not
