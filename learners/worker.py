@@ -365,8 +365,12 @@ class LearnerWorker:
             self.save_adapted_teacher(f"{out_dir}/teacher_adapter")
 
     def load_checkpoint(self, in_dir: str) -> None:
-        """Restore what save_checkpoint wrote (engines, optimizer states, this rank's RNG)."""
+        """Restore what save_checkpoint wrote (engines, optimizer states, this rank's RNG). Nothing in the
+        checkpoint can run code: every file is loaded with weights_only=True (learners/safe_checkpoint.py)."""
+        from learners.safe_checkpoint import make_safe
+
         for name, engine in self._engines().items():
+            make_safe(engine)
             path, _ = engine.load_checkpoint(f"{in_dir}/deepspeed", tag=name, load_module_strict=True)
             if path is None:
                 raise FileNotFoundError(f"no DeepSpeed checkpoint of the {name} under {in_dir}/deepspeed")

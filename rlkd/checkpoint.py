@@ -10,6 +10,10 @@ checkpoint stays the one `latest` names. Contents:
     teacher_adapter/         OKD: the teacher's LoRA adapter (PEFT format)
     deepspeed/<engine>/      DeepSpeed checkpoints: module, optimizer (and scheduler) states per engine
     rng/rank<i>.pt           each learner rank's torch RNG state (tensors only: weights_only loads)
+
+Nothing in a checkpoint runs code when resumed: DeepSpeed's files are loaded with weights_only=True and
+only the DeepSpeed types below allowed (learners/safe_checkpoint.py), and `damage` refuses, before Ray
+starts, a checkpoint whose .pt files name any other object (a planted pickle).
     state.json               step, data position and sampler RNG, schedule state (replay buffers,
                              thresholds, RNGs), training wall clock, baseline scores
 """
@@ -23,6 +27,11 @@ from pathlib import Path
 from rlkd.outputs import COMPLETED, write_text_atomic
 
 LATEST = "latest"
+# The only non-torch objects DeepSpeed's checkpoints hold (ZeRO 0-3, found by loading each with
+# weights_only=True): plain data that runs no code when rebuilt.
+DEEPSPEED_GLOBALS = frozenset({"deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                               "deepspeed.runtime.zero.config.ZeroStageEnum",
+                               "deepspeed.utils.tensor_fragment.fragment_address"})
 
 
 def _dir(run_dir: Path) -> Path:
@@ -79,6 +88,29 @@ def damage(path: Path) -> str | None:
     for part in ("deepspeed", "rng"):
         if not (Path(path) / part).is_dir():
             return f"{Path(path) / part} is missing"
+    for pt in sorted(Path(path).glob("deepspeed/**/*.pt")) + sorted(Path(path).glob("rng/*.pt")):
+        why = _unsafe(pt)
+        if why:
+            return why
+    return None
+
+
+def _unsafe(pt: Path) -> str | None:
+    """Why torch file `pt` is not one rlkd or DeepSpeed wrote (read from its pickle's names, no tensors
+    loaded), or None."""
+    import zipfile
+
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    if not zipfile.is_zipfile(pt):
+        return f"{pt} is not a torch checkpoint archive (truncated, or not written by rlkd)"
+    try:
+        names = set(get_unsafe_globals_in_checkpoint(str(pt))) - DEEPSPEED_GLOBALS
+    except Exception as e:  # noqa: BLE001 - a damaged archive: say which file
+        return f"{pt} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if names:
+        return (f"{pt} names objects a checkpoint never holds ({', '.join(sorted(names))}); refusing it, since "
+                "loading it could run code")
     return None
 
 

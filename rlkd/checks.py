@@ -3,6 +3,7 @@ allowed. The whole-config validation lives in rlkd.validate (it needs the method
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -32,3 +33,14 @@ def one_of(value: Any, name: str, allowed: list) -> None:
 def unit(value: float, name: str, low_open: bool = False, high_open: bool = False) -> None:
     ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
     check(ok, name, value, f"in {'(' if low_open else '['}0, 1{')' if high_open else ']'}")
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def safe_name(value: str, name: str) -> None:
+    """A directory name that stays inside its parent: one path component of ASCII letters, digits and
+    '._-' (no '/', no '..', no leading dot, at most 128 characters)."""
+    check(bool(_SAFE_NAME.fullmatch(value)), name, value,
+          "one directory name of ASCII letters, digits, '.', '_' and '-' (starting with a letter or digit, at most "
+          "128 characters), so the run stays inside run.output_dir")

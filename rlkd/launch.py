@@ -20,6 +20,7 @@ from rlkd.data import PromptSampler
 from rlkd.eval import evaluate_dir, evaluate_model, sampler_from_dir, sampler_from_group
 from rlkd.loop import stop_on_sigterm
 from rlkd.outputs import (
+    RunLock,
     format_table,
     make_run_dir,
     mark_completed,
@@ -177,22 +178,43 @@ def _evaluate_now(cfg: Config, prep: Prepared, groups: Groups, ctl: Controller, 
 
 def run(cfg: Config, log: Callable = print, resume: Path | None = None, on_step: Callable | None = None) -> Path:
     """Run one distillation job end to end, or continue `resume` (a run directory) from its last
-    checkpoint; returns the run directory. on_step(metrics, checkpoint_dir | None) follows every step."""
+    checkpoint; returns the run directory. on_step(metrics, checkpoint_dir | None) follows every step.
+    The run directory is locked (outputs.RunLock) from its creation, or the resume, until COMPLETED."""
+    t_start = time.time()
+    ckpt = checkpoint.resumable(resume, log) if resume is not None else None  # before any work: fail fast
+    lock = RunLock.take(Path(resume), "--resume") if resume is not None else None
+    try:
+        if resume is None:
+            run_dir_for(cfg.run.output_dir, cfg.run.name, cfg.algo.method)  # fail before the slow preparation
+        prep = prepare(cfg, log)
+        method = build_method(cfg.algo, cfg.train.seed, cfg.train.steps,
+                              max(1, len(prep.train) // cfg.train.batch_size))
+        if resume is None:
+            run_dir = _new_run_dir(cfg, prep)
+            lock = RunLock.take(run_dir, "run.name")
+        else:  # the harmless overrides a resume allows (rlkd.main) are recorded
+            run_dir = Path(resume).resolve()
+            write_yaml(run_dir / "config.yaml", to_dict(cfg))
+        log(f"run: {method.label} -> {run_dir}")
+        scores, history = _train(cfg, prep, method, run_dir, ckpt, log, on_step)
+        summary = run_summary(cfg, method, prep, scores, history, time.time() - t_start)
+        write_json(run_dir / "eval.json", summary)
+        mark_completed(run_dir, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": len(history)})
+    finally:
+        if lock is not None:
+            lock.release()
+    log(format_table(summary, run_dir))
+    return run_dir
+
+
+def _train(cfg: Config, prep: Prepared, method, run_dir: Path, ckpt: Path | None, log: Callable,
+           on_step: Callable | None) -> tuple[dict, list]:
+    """The Ray part of a run: actors and learners, baselines, the training loop, the final student and its
+    evaluation. Returns (scores, metrics history)."""
     import ray
 
     from rlkd.loop import TrainLoop
 
-    t_start = time.time()
-    ckpt = checkpoint.resumable(resume) if resume is not None else None  # before any work: fail fast
-    if resume is None:
-        run_dir_for(cfg.run.output_dir, cfg.run.name, cfg.algo.method)  # fail before the slow preparation
-    prep = prepare(cfg, log)
-    steps_per_epoch = max(1, len(prep.train) // cfg.train.batch_size)
-    method = build_method(cfg.algo, cfg.train.seed, cfg.train.steps, steps_per_epoch)
-    run_dir = Path(resume).resolve() if resume is not None else _new_run_dir(cfg, prep)
-    if resume is not None:  # the harmless overrides a resume allows (rlkd.main) are recorded
-        write_yaml(run_dir / "config.yaml", to_dict(cfg))
-    log(f"run: {method.label} -> {run_dir}")
     started = connect_ray(cfg.run.num_cpus, log, cfg.run.ray_address)
     stop_on_sigterm()  # after ray.init, whose own handler would dump core instead
     groups = None
@@ -219,11 +241,7 @@ def run(cfg: Config, log: Callable = print, resume: Path | None = None, on_step:
             groups.shutdown()
         if started:
             ray.shutdown()
-    summary = run_summary(cfg, method, prep, scores, history, time.time() - t_start)
-    write_json(run_dir / "eval.json", summary)
-    mark_completed(run_dir, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": len(history)})
-    log(format_table(summary, run_dir))
-    return run_dir
+    return scores, history
 
 
 def _new_run_dir(cfg: Config, prep: Prepared) -> Path:

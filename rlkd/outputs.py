@@ -12,6 +12,41 @@ from pathlib import Path
 import yaml
 
 COMPLETED = "COMPLETED"
+LOCK = ".lock"  # held (flock) by the process working on the run
+
+
+class RunLock:
+    """An OS file lock on a run directory, held while one process works on the run, so a live run is never
+    written by two processes. The kernel drops it when the process ends, however it ends: a run killed with
+    SIGKILL can be resumed at once."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    @classmethod
+    def take(cls, run_dir: Path, what: str) -> "RunLock":
+        """Lock `run_dir`, or a ConfigError naming the process that holds it (`what`: the option at fault)."""
+        import fcntl
+
+        from rlkd.checks import ConfigError
+
+        path = Path(run_dir) / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"{what} {str(run_dir)!r}: that run is still going (process {holder} holds {path}); "
+                              "wait for it to end or stop it, then resume it") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        return cls(fd)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor releases the flock
+            self.fd = None
 
 
 def check_writable_dir(path: str, name: str) -> Path:

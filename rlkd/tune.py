@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlkd.checks import check
+from rlkd.checks import check, safe_name
 from rlkd.config import Config, ConfigError, _build, build_config, read_yaml, set_field, to_dict
 from rlkd.outputs import COMPLETED, write_yaml
 
@@ -64,6 +64,7 @@ def load_sweep(path: str, overrides: list[str] | tuple[str, ...] = ()) -> tuple[
     check(tc.search_alg in ("random", "optuna"), "tune.search_alg", tc.search_alg, "'random' or 'optuna'")
     check(tc.scheduler in ("asha", "fifo"), "tune.scheduler", tc.scheduler, "'asha' or 'fifo'")
     check(tc.mode in ("max", "min"), "tune.mode", tc.mode, "'max' or 'min'")
+    safe_name(tc.name, "tune.name")  # the experiment directory goes under run.output_dir
     check(tc.num_samples >= 1 and tc.max_concurrent >= 1, "tune.num_samples/max_concurrent",
            (tc.num_samples, tc.max_concurrent), ">= 1 each")
     check(bool(tc.space), "tune.space", tc.space, "at least one 'section.field: {kind: [...]}' entry")

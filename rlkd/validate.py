@@ -2,7 +2,7 @@
 raises a ConfigError that names the field, the value and what is allowed."""
 from __future__ import annotations
 
-from rlkd.checks import check, one_of, positive
+from rlkd.checks import check, one_of, positive, safe_name
 
 
 def validate(cfg) -> None:
@@ -58,6 +58,8 @@ def validate(cfg) -> None:
     positive(cfg.eval, "eval", ["num_seeds"])
     positive(cfg.run, "run", ["num_cpus", "max_actor_restarts"], allow_zero=True)
     positive(cfg.run, "run", ["placement_timeout_s"])
+    if cfg.run.name:  # empty: a generated '<method>-<timestamp>'
+        safe_name(cfg.run.name, "run.name")
 
 
 def validate_algo(cfg) -> None:
