@@ -103,6 +103,12 @@ def _gkd(a, seed: int, **_) -> Method:
                   partial(obj.divergence_objective, divergence="gjsd", beta=x.beta), rollout_temperature=x.temperature)
 
 
+def _opd(a, seed: int, **_) -> Method:
+    x = a.opd  # samples at T = 1: the sampler's log-probs are then the student's own (docs/algorithms.md#opd)
+    return Method("opd", "opd", Fixed({"on": ROLLOUT}),
+                  partial(obj.opd_objective, discount=x.discount, is_cap=x.is_cap), rollout_temperature=1.0)
+
+
 def _seqkd(a, seed: int, **_) -> Method:
     return Method("seqkd", "seqkd", Fixed({"train": TEACHER_GEN}), obj.sft_objective, needs_teacher_scores=False)
 
@@ -139,6 +145,8 @@ METHODS: dict[str, MethodSpec] = {
     "imitkd": MethodSpec("forward KL on replayed student generations", "loss/fkl", _imitkd),
     "distillm": MethodSpec("skew (reverse) KL with adaptive student-generated outputs", "loss/srkl", _distillm),
     "minillm": MethodSpec("sequence-level reverse KL by PPO, teacher-mixed sampling", "loss/reg", _minillm),
+    "opd": MethodSpec("on-policy distillation: reward log p(y_t) - log q(y_t) per sampled token", "opd/reverse_kl",
+                      _opd),
     "okd": MethodSpec("forward KL to a LoRA-adapted teacher trained online", "loss/student", _okd),
     "ammd": MethodSpec("adversarial moment matching of action values, on- and off-policy", None, _ammd),
 }

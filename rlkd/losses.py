@@ -145,6 +145,16 @@ def policy_gradient(token_logp: torch.Tensor, advantages: torch.Tensor, mask: to
     return token_mean(-weights * advantages.detach() * token_logp, mask, n_tokens)
 
 
+def truncated_importance_sampling(token_logp: torch.Tensor, sampler_logp: torch.Tensor, advantages: torch.Tensor,
+                                  mask: torch.Tensor, cap: float = 2.0, n_tokens: float | None = None) -> torch.Tensor:
+    """Importance-sampling policy loss, token mean of −ρ_t·A_t with ρ_t = q_θ(y_t) / q_sampler(y_t) (Tinker's
+    `importance_sampling` loss). Truncated: a token with ρ_t > cap (a stale sample) counts with weight cap,
+    i.e. value −min(ρ, cap)·A and gradient −min(ρ, cap)·A·∇log q_θ. Advantages are constants."""
+    ratio = (token_logp - sampler_logp.detach()).exp()
+    scale = (ratio.clamp(max=cap) / ratio).detach()  # 1 below the cap; keeps the value and gradient truncated
+    return token_mean(-scale * ratio * advantages.detach(), mask, n_tokens)
+
+
 def ppo_clip(token_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
              clip: float = 0.2, weights: torch.Tensor | None = None,
              n_tokens: float | None = None) -> torch.Tensor:

@@ -173,6 +173,21 @@ class ImitKDConfig:
 
 
 @dataclass(frozen=True)
+class OPDConfig:
+    discount: float = 0.0
+    """Discount γ of the per-token rewards log p(y_t) − log q_sampler(y_t) in the advantage; 0 (the Tinker
+    cookbook's default): each token's advantage is its own reward."""
+    is_cap: float = 2.0
+    """Truncation cap of the importance ratio q_θ/q_sampler (it exceeds 1 only on stale samples)."""
+
+    def validate(self, cfg) -> None:
+        unit(self.discount, "algo.opd.discount")
+        check(self.is_cap >= 1, "algo.opd.is_cap", self.is_cap, ">= 1 (on-policy ratios are 1)")
+        check(cfg.rollout.top_p == 1, "rollout.top_p", cfg.rollout.top_p,
+              "1 with algo.method=opd (its importance ratio needs the sampler's untruncated log-probs)")
+
+
+@dataclass(frozen=True)
 class AlgoConfig:
     method: str = "ammd"
     """Distillation method: one of rlkd.algorithms.METHODS (see the README's method table)."""
@@ -190,3 +205,5 @@ class AlgoConfig:
     """JSD baseline on gold responses (distillm convention)."""
     imitkd: ImitKDConfig = field(default_factory=ImitKDConfig)
     """ImitKD: forward KL on replayed student generations."""
+    opd: OPDConfig = field(default_factory=OPDConfig)
+    """OPD: on-policy distillation with the teacher's log-prob of each sampled token as its reward."""

@@ -102,6 +102,25 @@ def minillm_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext, gam
 
 
 # ---------------------------------------------------------------------------------------------
+# OPD (docs/algorithms.md#opd): on-policy distillation, as the Tinker cookbook's train_on_policy.py
+
+def opd_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext, discount: float = 0.0, is_cap: float = 2.0):
+    """Per-token advantage A_t = Σ_{t'≥t} γ^{t'−t}·(log p(y_t') − log q_sampler(y_t')) on the student's own
+    samples (γ = `discount`, 0: A_t is the token's own reward), and the truncated importance-sampling loss
+    −min(q_θ/q_sampler, cap)·A_t. Needs only the teacher's log-prob of each sampled token. On-policy its
+    expected gradient is ∇ Σ_t KL(q_θ(·|s_t) ‖ p(·|s_t)) at the sampled states (tests/test_losses.py)."""
+    f, n = fwd["on"], ctx.n_tokens["on"]
+    if f.rollout_logprobs is None:
+        raise ValueError("OPD needs the sampler's log-probs of its rollouts (rollout_logprobs)")
+    rewards = f.teacher.token_logp - f.rollout_logprobs
+    advantages = rewards if discount == 0 else future_returns(rewards, f.mask, discount, include_current=True)
+    loss = losses.truncated_importance_sampling(f.token_logp, f.rollout_logprobs, advantages, f.mask, is_cap, n)
+    s, t = losses.on_support(f.support_logp().detach(), f.teacher, gathered=True)
+    return loss, {"loss/opd": loss.detach(), "opd/reward": losses.token_mean(rewards, f.mask, n).detach(),
+                  "opd/reverse_kl": losses.reverse_kl(s, t, f.mask, n)}  # exact per-state KL(q ‖ p), reported
+
+
+# ---------------------------------------------------------------------------------------------
 # AMMD (docs/algorithms.md#ammd, all [R]): min_θ max_f  β·d_off(θ, f_off) + (1−β)·d_on(θ, f_on)
 
 def _critic_on_support(critic: torch.Tensor, teacher: TeacherScores) -> torch.Tensor:
