@@ -160,11 +160,14 @@ class LearnerWorker:
             with torch.set_grad_enabled("critic" in targets):
                 h = teacher.hidden if self.critic_reads_teacher else hidden.detach()
                 critic = self.critic(name, h, None if teacher is None else teacher.index)
+        frozen = None
         if self.adapted is not None:
             with torch.set_grad_enabled("teacher" in targets):
                 adapted = torch.log_softmax(response_forward(self.adapted, batch, self.vocab_size)[0], -1)
+            with torch.no_grad(), self.adapted.module.disable_adapter():  # the frozen teacher: its drift
+                frozen = torch.log_softmax(response_forward(self.adapted, batch, self.vocab_size)[0], -1)
         return StudentForward(logits, batch.responses, batch.response_mask, teacher, critic, batch.rollout_logprobs,
-                              batch.behavior_logprobs, s.old_logp.get(name), adapted, lse=lse)
+                              batch.behavior_logprobs, s.old_logp.get(name), adapted, lse=lse, frozen_logp=frozen)
 
     def _student_forward(self, s: Slot, name: str, grad: bool, with_hidden: bool):
         """Student logits (model dtype), their fp32 logsumexp, and the hidden state on batch `name`: no

@@ -92,7 +92,8 @@ def _minillm(a, seed: int, **_) -> Method:
 def _okd(a, seed: int, **_) -> Method:
     x = a.okd
     return Method("okd", f"okd (student {x.student_loss})", Fixed({"train": GOLD}),
-                  partial(obj.okd_objective, alpha=x.alpha, student_loss=x.student_loss, jsd_beta=x.jsd_beta),
+                  partial(obj.okd_objective, alpha=x.alpha, student_loss=x.student_loss, jsd_beta=x.jsd_beta,
+                          trust_kl=x.trust_kl),
                   needs_teacher_scores=False, train_targets=("student", "teacher"), adapted_teacher=x)
 
 

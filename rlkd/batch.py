@@ -175,6 +175,8 @@ class StudentForward:
     adapted_logp: torch.Tensor | None = None  # (B, R, V) OKD: the LoRA teacher's log-probs, computed in
     # the learner; differentiable (to the LoRA only) when training the teacher
     lse: torch.Tensor | None = None  # (B, R) fp32 logsumexp of `scores` when they are logits
+    frozen_logp: torch.Tensor | None = None  # (B, R, V) OKD: the teacher without its LoRA (no gradient), for
+    # the adapted teacher's drift metrics and the optional trust region
 
     @property
     def logp(self) -> torch.Tensor:  # (B, R, V) fp32 log q_θ(a | s_j) over the whole vocabulary

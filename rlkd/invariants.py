@@ -36,6 +36,12 @@ def _student_keeps_context(m: dict, ratio: float = 0.25) -> bool | None:
     return None if not pairs else all(s >= ratio * t for s, t in pairs)
 
 
+def _okd_teacher_stays_close(m: dict, agreement: float = 0.8) -> bool | None:
+    """OKD: the adapted teacher's argmax agrees with the frozen teacher's on at least `agreement` of tokens."""
+    a = m.get("okd/teacher_top1_agree")
+    return None if a is None else a >= agreement
+
+
 INVARIANTS = (
     Invariant("critic_keeps_up", _distances_nonnegative,
               "the estimated AMMD distances are negative after the critic steps (a zero critic would score 0): "
@@ -47,6 +53,10 @@ INVARIANTS = (
     Invariant("student_keeps_context", _student_keeps_context,
               "the student's next-token distribution barely depends on its context (context TV < 1/4 of the "
               "teacher's): a collapse; look at learner.student_lr, algo.ammd.critic_input, algo.ammd.pg_coef"),
+    Invariant("okd_teacher_stays_close", _okd_teacher_stays_close,
+              "OKD's adapted teacher has drifted from the teacher (its top-1 token differs on over 20% of tokens): "
+              "it is collapsing onto the student; lower algo.okd.teacher_lr or algo.okd.alpha, or set "
+              "algo.okd.trust_kl"),
 )
 
 

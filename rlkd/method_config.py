@@ -68,6 +68,9 @@ class OKDConfig:
     """beta of the 'jsd' student loss, GKD/TRL convention (OKD does not give it: [R] TRL's default)."""
     teacher_lr: float = 0.0
     """Learning rate of the teacher LoRA; 0 uses learner.student_lr (Algorithm 1: one shared eta)."""
+    trust_kl: float = 0.0
+    """Weight of a trust region on the teacher LoRA: + trust_kl * KL(p_ta || p_frozen) in its loss (0: off,
+    the paper's loss). The drift itself is logged every step (okd/teacher_drift_kl, okd/teacher_top1_agree)."""
 
     def validate(self, cfg) -> None:
         unit(self.alpha, "algo.okd.alpha")
@@ -77,7 +80,7 @@ class OKDConfig:
               "comma-separated module names")
         one_of(self.student_loss, "algo.okd.student_loss", ["fkl", "jsd", "rkl"])
         unit(self.jsd_beta, "algo.okd.jsd_beta")
-        positive(self, "algo.okd", ["teacher_lr"], allow_zero=True)
+        positive(self, "algo.okd", ["teacher_lr", "trust_kl"], allow_zero=True)
 
 
 @dataclass(frozen=True)

@@ -57,23 +57,32 @@ def divergence_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext, 
 # OKD (docs/algorithms.md#okd): one forward, two losses, two optimizer steps
 
 def okd_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext, alpha: float, student_loss: str = "fkl",
-                  jsd_beta: float = 0.5):
-    """Teacher (LoRA): α·KL(p_s ‖ p_ta) + (1−α)·CE(gold), p_s detached. Student: KL(p_ta ‖ p_s) with
-    p_ta detached ('rkl': KL(p_s ‖ p_ta); 'jsd': generalized JSD(β)). Both from the same, pre-update
-    forward pass; the two graphs touch disjoint parameters, so each loss steps only its model."""
+                  jsd_beta: float = 0.5, trust_kl: float = 0.0):
+    """Teacher (LoRA): α·KL(p_s ‖ p_ta) + (1−α)·CE(gold) [+ trust_kl·KL(p_ta ‖ p_frozen)], p_s detached.
+    Student: KL(p_ta ‖ p_s) with p_ta detached ('rkl': KL(p_s ‖ p_ta); 'jsd': generalized JSD(β)). Both from
+    the same, pre-update forward pass; the two graphs touch disjoint parameters, so each loss steps only its
+    model. Reports the adapted teacher's drift from the frozen one (KL and TOP-1 agreement) when the
+    learner computed the frozen log-probs."""
     f, n = fwd["train"], ctx.n_tokens["train"]
     ta, s = f.adapted_logp, f.logp
     kl_t = losses.forward_kl(ta, s.detach(), f.mask, n)  # forward_kl(x, y) = KL(y ‖ x)
     ce_t = losses.sft(pick(ta, f.targets), f.mask, n)
     teacher = alpha * kl_t + (1 - alpha) * ce_t
+    metrics = {"okd/teacher_kl": kl_t.detach(), "okd/teacher_ce": ce_t.detach()}
+    if f.frozen_logp is not None:
+        drift = losses.reverse_kl(ta, f.frozen_logp, f.mask, n)  # KL(p_ta ‖ p_frozen), through p_ta only
+        agree = (ta.detach().argmax(-1) == f.frozen_logp.argmax(-1)).float()
+        metrics.update({"okd/teacher_drift_kl": drift.detach(),
+                        "okd/teacher_top1_agree": losses.token_mean(agree, f.mask, n)})
+        if trust_kl > 0:
+            teacher = teacher + trust_kl * drift
     if student_loss == "fkl":
         student = losses.forward_kl(s, ta.detach(), f.mask, n)
     elif student_loss == "rkl":
         student = losses.reverse_kl(s, ta.detach(), f.mask, n)
     else:
         student = losses.generalized_jsd(s, ta.detach(), f.mask, jsd_beta, n)
-    metrics = {"loss/student": student.detach(), "loss/teacher": teacher.detach(),
-               "okd/teacher_kl": kl_t.detach(), "okd/teacher_ce": ce_t.detach()}
+    metrics.update({"loss/student": student.detach(), "loss/teacher": teacher.detach()})
     return {"student": student, "teacher": teacher}, metrics
 
 

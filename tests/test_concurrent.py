@@ -12,7 +12,7 @@ ROOT = Path(__file__).parents[1]
 
 def test_two_runs_side_by_side(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
+    env["RAY_ADDRESS"] = "local"  # a private cluster each, whatever cluster `ray start` left on this machine
     procs = []
     for name in ("a", "b"):
         cmd = [sys.executable, "-m", "rlkd.main", "--config", "configs/smoke.yaml", f"run.output_dir={tmp_path}",

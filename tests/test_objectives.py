@@ -77,6 +77,28 @@ def test_okd_objective_brute_force_and_gradient_routing(student_loss):
     assert torch.allclose(g_s[0], torch.autograd.grad(s_ref, s_logits, retain_graph=True)[0])
 
 
+def test_okd_trust_region_and_drift_metrics_brute_force():
+    """trust_kl adds trust_kl * KL(p_ta ‖ p_frozen) to the teacher's loss (gradient to the LoRA side only);
+    the drift metrics are that KL and the share of tokens whose argmax both teachers agree on."""
+    s_logits, ta_logits, fr_logits, trust = _logits(1), _logits(2), _logits(3).detach(), 0.3
+    targets = _targets()
+    f = StudentForward(s_logits.log_softmax(-1), targets, MASK, adapted_logp=ta_logits.log_softmax(-1),
+                       frozen_logp=fr_logits.log_softmax(-1))
+    ctx = ObjectiveContext({"train": MASK.sum().item()})
+    base, _ = okd_objective({"train": f}, ctx, alpha=0.5)
+    loss, metrics = okd_objective({"train": f}, ctx, alpha=0.5, trust_kl=trust)
+    qt, qf = ta_logits.softmax(-1), fr_logits.softmax(-1)
+    kl = sum(_kl([qt[b, t, a] for a in range(V)], [qf[b, t, a] for a in range(V)]) for b, t in _tokens())
+    agree = sum(float(qt[b, t].argmax() == qf[b, t].argmax()) for b, t in _tokens())
+    n = len(_tokens())
+    assert metrics["okd/teacher_drift_kl"].item() == pytest.approx(kl.item() / n, rel=1e-5)
+    assert metrics["okd/teacher_top1_agree"].item() == pytest.approx(agree / n)
+    assert torch.allclose(loss["teacher"], base["teacher"] + trust * kl / n)
+    assert torch.allclose(loss["student"], base["student"])
+    g = torch.autograd.grad(loss["teacher"] - base["teacher"], ta_logits, retain_graph=True)[0]
+    assert torch.allclose(g, torch.autograd.grad(trust * kl / n, ta_logits, retain_graph=True)[0])
+
+
 def test_minillm_objective_brute_force():
     gamma, clip, reward_clip = 0.9, 0.2, 1.5
     s_logits, t_logits = _logits(3), _logits(4).detach()

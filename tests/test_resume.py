@@ -126,7 +126,7 @@ def test_sigterm_stops_with_the_resume_command(tmp_path):
     cmd = [sys.executable, "-m", "rlkd.main", "--config", "configs/smoke.yaml", f"run.output_dir={tmp_path}",
            "run.name=term", "train.steps=500", "train.checkpoint_every=2", f"model.cache_dir={tmp_path / 'cache'}"]
     root = Path(__file__).parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "RAY_ADDRESS": ""}
+    env = {**os.environ, "PYTHONPATH": str(root), "RAY_ADDRESS": "local"}  # its own cluster, never one found here
     proc = subprocess.Popen(cmd, cwd=root, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     metrics = tmp_path / "term" / "metrics.jsonl"
     deadline = time.time() + 300
