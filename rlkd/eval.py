@@ -128,8 +128,11 @@ def evaluate_examples(examples, model_dir: Path, teacher_dir: Path | None, args,
         scores, texts = score_responses(tok, rows, responses)
         for seed, one in zip(args.seeds, scores["per_seed"]):
             log(f"seed {seed}: ROUGE-L {one['rougeL']:.2f}, exact match {one['exact_match']:.1f}")
+        greedy = greedy_scores(tok, rows, ray.get(gen.generate.remote(prompts, args.max_new_tokens, 0.0, 1.0, 0,
+                                                                      args.no_repeat_ngram_size))["responses"])
+        log(f"greedy: ROUGE-L {greedy['rougeL']:.2f}, exact match {greedy['exact_match']:.1f}")
         result = {"model": str(model_dir), "num_examples": len(rows), "truncated_prompts": cut, "seeds": args.seeds,
-                  **scores,
+                  **scores, "greedy": greedy,
                   "samples": [{"prompt": e.prompt, "references": e.references[:3], "answers": [t[i] for t in texts]}
                               for i, e in enumerate(examples[:3])]}
         if teacher_dir is not None:
@@ -154,17 +157,27 @@ def score_responses(tok, rows, responses_per_seed: list[list[list[int]]]) -> tup
 
 
 def evaluate_model(cfg: Config, tok, sample: Callable, rows) -> dict | None:
-    """ROUGE-L and exact match (mean ± std over eval.num_seeds sampling seeds) and three sample answers,
-    on the first eval.num_examples of `rows`. `sample(prompts, seed)` returns one response per prompt,
-    sampled as rlkd evaluates: temperature 1, top-p 1, eval.no_repeat_ngram_size."""
+    """ROUGE-L and exact match (mean ± std over eval.num_seeds sampling seeds), the same scores decoded
+    greedily (`greedy`: a sampled score rewards a sharper model, a greedy one what it knows), and three
+    sample answers, on the first eval.num_examples of `rows`. `sample(prompts, seed, temperature)` returns
+    one response per prompt, sampled as rlkd evaluates: top-p 1, eval.no_repeat_ngram_size."""
     rows = rows[:cfg.eval.num_examples]
     if not rows:
         return None
     prompts, e = [r.prompt_ids for r in rows], cfg.eval
-    result, texts = score_responses(tok, rows, [sample(prompts, e.seed + 10 * i) for i in range(e.num_seeds)])
+    result, texts = score_responses(tok, rows, [sample(prompts, e.seed + 10 * i, 1.0) for i in range(e.num_seeds)])
+    result["greedy"] = greedy_scores(tok, rows, sample(prompts, e.seed, 0.0))
     result["samples"] = [f"{prompt_summary(tok.decode(rows[i].prompt_ids))} -> {texts[0][i]}"
                          for i in range(min(3, len(rows)))]
     return result
+
+
+def greedy_scores(tok, rows, responses: list[list[int]]) -> dict:
+    """Exact match (overall and per family), ROUGE-L, length and EOS rate of one greedy decoding."""
+    one, _ = score_responses(tok, rows, [responses])
+    return {"exact_match": one["exact_match_mean"], "rougeL": one["rougeL_mean"], "length": one["length_mean"],
+            "eos_rate": one["eos_rate_mean"],
+            "exact_match_family": {f: v["mean"] for f, v in one["exact_match_family"].items()}}
 
 
 def evaluate_dir(cfg: Config, tok, model_dir: Path, rows) -> dict | None:
@@ -179,15 +192,15 @@ def sampler_from_dir(cfg: Config, tok, model_dir: Path) -> Callable:
     from actors.hf_generate import generate_from_dir
 
     task = ray.remote(num_cpus=1)(generate_from_dir)
-    return lambda prompts, seed: ray.get(task.remote(
+    return lambda prompts, seed, temperature=1.0: ray.get(task.remote(
         str(model_dir), prompts, tok.pad_token_id, tok.eos_token_id, cfg.data.max_response_tokens, seed,
-        cfg.eval.no_repeat_ngram_size, cfg.model.trust_remote_code, len(tok)))
+        cfg.eval.no_repeat_ngram_size, cfg.model.trust_remote_code, len(tok), temperature))
 
 
 def sampler_from_group(cfg: Config, group) -> Callable:
     """Sample through running actors (an rlkd.cluster.ActorGroup of teacher or rollout actors)."""
-    return lambda prompts, seed: group.split(
-        "generate", prompts, seed, max_new_tokens=cfg.data.max_response_tokens, temperature=1.0, top_p=1.0,
+    return lambda prompts, seed, temperature=1.0: group.split(
+        "generate", prompts, seed, max_new_tokens=cfg.data.max_response_tokens, temperature=temperature, top_p=1.0,
         no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size)["responses"]
 
 
@@ -196,7 +209,9 @@ def markdown(result: dict) -> str:
     lines = ["| metric | value |", "|---|---|",
              f"| ROUGE-L (mean ± std over seeds {seeds}) | {result['rougeL_mean']:.2f} ± {result['rougeL_std']:.2f} |",
              f"| exact match, % (mean ± std over seeds) | {result['exact_match_mean']:.1f} ± "
-             f"{result['exact_match_std']:.1f} |"]
+             f"{result['exact_match_std']:.1f} |",
+             f"| exact match, %, greedy | {result['greedy']['exact_match']:.1f} |",
+             f"| ROUGE-L, greedy | {result['greedy']['rougeL']:.2f} |"]
     for fam, s in result["exact_match_family"].items():
         lines.append(f"| exact match, family {fam} | {s['mean']:.1f} ± {s['std']:.1f} |")
     if "answer_diversity" in result:

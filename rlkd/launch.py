@@ -173,7 +173,7 @@ def _evaluate_now(cfg: Config, prep: Prepared, groups: Groups, ctl: Controller, 
         score = evaluate_dir(cfg, tok, snapshot, prep.val)
         shutil.rmtree(snapshot, ignore_errors=True)
     return {"eval/rougeL": score["rougeL_mean"], "eval/exact_match": score["exact_match_mean"],
-            "eval/seconds": time.time() - t0}
+            "eval/greedy_exact_match": score["greedy"]["exact_match"], "eval/seconds": time.time() - t0}
 
 
 def run(cfg: Config, log: Callable = print, resume: Path | None = None, on_step: Callable | None = None) -> Path:

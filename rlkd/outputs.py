@@ -158,14 +158,17 @@ def run_summary(cfg, method, prep, scores: dict, history: list[dict], wall: floa
 
 
 def format_table(summary: dict, run_dir: Path) -> str:
-    """Teacher / student before / student after: exact match and ROUGE-L (mean ± std over seeds), and
-    each model's answer to the same three held-out prompts."""
+    """Teacher / student before / student after: exact match and ROUGE-L sampled at T = 1 (mean ± std over
+    seeds) and decoded greedily, and each model's answer to the same three held-out prompts."""
     n, k = summary["num_examples"], summary["seeds"]
-    rows = [f"{'model':<16} {'exact match':>14} {'ROUGE-L':>14}   ({n} held-out prompts, mean ± std over {k} seeds)"]
+    rows = [f"{'model':<16} {'exact match':>14} {'ROUGE-L':>14} {'greedy EM':>10} {'greedy R-L':>10}   "
+            f"({n} held-out prompts; sampled at T = 1: mean ± std over {k} seeds)"]
     for name, s in summary["scores"].items():
         if s:
+            g = s.get("greedy") or {}
             rows.append(f"{name:<16} {s['exact_match_mean']:>7.1f} ± {s['exact_match_std']:<4.1f} "
-                        f"{s['rougeL_mean']:>7.1f} ± {s['rougeL_std']:<4.1f}")
+                        f"{s['rougeL_mean']:>7.1f} ± {s['rougeL_std']:<4.1f} {g.get('exact_match', float('nan')):>10.1f} "
+                        f"{g.get('rougeL', float('nan')):>10.1f}")
     named = [(name, s["samples"]) for name, s in summary["scores"].items() if s]
     for i in range(len(named[0][1]) if named else 0):
         rows.append(f"example {i + 1}:")

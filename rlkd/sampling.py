@@ -28,7 +28,7 @@ def hf_generate(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_n
     `vocab_size` (the tokenizer's length; default: every row of the model).
 
     Log-probs are of the chosen tokens under the raw model (temperature 1, no processors) over the
-    tokenizer's ids, the same quantity the learners compute.
+    tokenizer's ids, the same quantity the learners compute. temperature 0: greedy decoding (argmax).
     """
     from transformers import LogitsProcessorList
 
@@ -45,7 +45,8 @@ def hf_generate(model, prompts: list[list[int]], pad_id: int, eos_id: int, max_n
         out = model.generate(
             input_ids=packed.input_ids[:, :width].to(device),
             attention_mask=packed.attention_mask[:, :width].to(device),
-            do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+            **({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0
+               else {"do_sample": False}), max_new_tokens=max_new_tokens,
             no_repeat_ngram_size=no_repeat_ngram_size or None, pad_token_id=pad_id, eos_token_id=eos_id,
             output_logits=True, return_dict_in_generate=True, logits_processor=processors)
         new = out.sequences[:, width:].cpu()
