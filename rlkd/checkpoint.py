@@ -128,7 +128,8 @@ def resumable(run_dir: Path, log=print) -> Path:
     candidates = sorted(_dir(run_dir).glob("step_*"), reverse=True)
     if not candidates:
         raise ConfigError(f"--resume {str(run_dir)!r}: no complete checkpoint under {run_dir / 'checkpoints'} "
-                          "(train.checkpoint_every=0, or the run stopped before its first checkpoint)")
+                          "(train.checkpoint_every=0, or the run stopped before its first checkpoint): nothing to "
+                          "resume; remove the directory and start the run again")
     problems = []
     for path in candidates:
         why = damage(path)

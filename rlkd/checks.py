@@ -3,6 +3,7 @@ allowed. The whole-config validation lives in rlkd.validate (it needs the method
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -21,9 +22,11 @@ def check(ok: bool, name: str, value: Any, allowed: str) -> None:
 
 
 def positive(section: Any, prefix: str, names: list[str], allow_zero: bool = False) -> None:
+    """Each field > 0 (>= 0 with allow_zero) and finite: inf passes a plain comparison and breaks later."""
     for n in names:
         v = getattr(section, n)
-        check(v >= 0 if allow_zero else v > 0, f"{prefix}.{n}", v, ">= 0" if allow_zero else "> 0")
+        ok = (v >= 0 if allow_zero else v > 0) and math.isfinite(v)
+        check(ok, f"{prefix}.{n}", v, ("a finite number >= 0" if allow_zero else "a finite number > 0"))
 
 
 def one_of(value: Any, name: str, allowed: list) -> None:

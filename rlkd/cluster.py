@@ -16,8 +16,8 @@ def connect_ray(num_cpus: int = 0, log: Callable = print, address: str | None = 
     """Join a cluster only when asked: `address` (run.ray_address), RAY_ADDRESS (set under `ray job
     submit`), or the cluster `ray start` recorded on this machine. 'local' in either (as for ray.init)
     asks for a private cluster whatever else runs here; the tests set RAY_ADDRESS=local. Otherwise start a
-    private local cluster with `num_cpus` (0 = all) logical CPUs, which no other run joins (rlkd never uses address='auto',
-    which would join any Ray instance on the machine, another run's included). Returns True if we
+    private local cluster with `num_cpus` (0 = all) logical CPUs, which no other run joins (rlkd never uses
+    address='auto', which would join any Ray instance on the machine, another run's included). Returns True if we
     started it (the caller then shuts it down)."""
     if ray.is_initialized():
         return False
@@ -40,6 +40,26 @@ def connect_ray(num_cpus: int = 0, log: Callable = print, address: str | None = 
     ray.init(address="local", num_cpus=max(num_cpus, 4), include_dashboard=False, _node_ip_address="127.0.0.1")
     log(f"ray: started a private local cluster ({max(num_cpus, 4)} logical CPUs)")
     return True
+
+
+def check_reachable(address: str | None = None, timeout: float = 5.0) -> None:
+    """A one-line ConfigError within `timeout` seconds when the cluster a run would join (run.ray_address,
+    else RAY_ADDRESS) has nothing listening: ray.init would retry for minutes. Called before the run
+    directory exists. 'local', 'auto' and ray:// client addresses are left to Ray."""
+    import socket
+
+    from rlkd.checks import ConfigError
+
+    target = address or os.environ.get("RAY_ADDRESS") or ""
+    field = "run.ray_address" if address else "RAY_ADDRESS"
+    host, sep, port = target.rpartition(":")
+    if not sep or target in ("local", "auto") or "://" in target or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"{field}={target!r}: no Ray cluster answers there ({e.strerror or e}); start it, "
+                          f"fix the address, or unset {field} to start a private cluster") from None
 
 
 def _ray_start_address() -> str | None:

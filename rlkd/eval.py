@@ -45,6 +45,12 @@ def parse_args(argv):
         raise ConfigError(f"--seeds={args.seeds!r} is invalid: comma-separated integers") from None
     if not args.seeds:
         raise ConfigError("--seeds is empty: give at least one integer seed")
+    for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1),
+                             ("--max-prompt-tokens", args.max_prompt_tokens, 1), ("--batch-size", args.batch_size, 1),
+                             ("--max-examples", args.max_examples, 0),
+                             ("--no-repeat-ngram-size", args.no_repeat_ngram_size, 0)):
+        if value < low:  # checked before any model is loaded or any generation runs
+            raise ConfigError(f"{flag}={value} is invalid: an integer >= {low}")
     if args.backend == "vllm" and args.no_repeat_ngram_size:
         raise ConfigError("--backend=vllm is invalid with --no-repeat-ngram-size > 0 (vLLM has no n-gram "
                           "blocking); use --backend hf or --no-repeat-ngram-size 0")

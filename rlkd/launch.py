@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rlkd import checkpoint
 from rlkd.algorithms import Method, build_method
-from rlkd.cluster import ActorGroup, connect_ray, layout, placement, resources, unplaced, wait_placed
+from rlkd.cluster import ActorGroup, check_reachable, connect_ray, layout, placement, resources, unplaced, wait_placed
 from rlkd.config import Config, ConfigError, to_dict
 from rlkd.controller import Controller, StepSettings
 from rlkd.data import PromptSampler
@@ -181,6 +181,7 @@ def run(cfg: Config, log: Callable = print, resume: Path | None = None, on_step:
     checkpoint; returns the run directory. on_step(metrics, checkpoint_dir | None) follows every step.
     The run directory is locked (outputs.RunLock) from its creation, or the resume, until COMPLETED."""
     t_start = time.time()
+    check_reachable(cfg.run.ray_address)  # an unreachable cluster fails in seconds, before the run directory
     ckpt = checkpoint.resumable(resume, log) if resume is not None else None  # before any work: fail fast
     lock = RunLock.take(Path(resume), "--resume") if resume is not None else None
     try:

@@ -44,10 +44,23 @@ def check_model_dir(path: str, name: str, trust_remote_code: bool = False, log: 
         if not any(p.glob("*.bin")):
             raise bad("no weights in it (model.safetensors, or shards with model.safetensors.index.json)")
         log(f"warning: {name}={path!r} has only .bin weights (pickles); safetensors are preferred")
+    for weights in sorted(p.glob("*.safetensors")):  # the header only: an empty or cut file fails here
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(weights), "pt") as f:
+                f.keys()
+        except Exception as e:  # noqa: BLE001 - any reader failure becomes one line naming the file
+            raise bad(f"{weights.name} is not a readable safetensors file ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:120] if str(e) else 'empty'})") from None
     try:
-        load_tokenizer(p, trust_remote_code)
+        tok = load_tokenizer(p, trust_remote_code)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one line naming the field
         raise bad(f"its tokenizer does not load ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    rows = config.get("vocab_size")
+    if isinstance(rows, int) and len(tok) > rows:  # token ids past the embedding would index out of range
+        raise bad(f"its tokenizer has {len(tok)} tokens but the model only {rows} embedding rows "
+                  "(config.json vocab_size); resize the embeddings or use the model's own tokenizer")
     return p
 
 

@@ -80,6 +80,10 @@ def run_dir_for(output_dir: str, name: str, method: str) -> Path:
         return path
     path = root / name
     if path.exists():
+        if not any((path / "checkpoints").glob("step_*")) and not (path / COMPLETED).exists():
+            raise ConfigError(f"run.name={name!r}: {path} already exists, from a run that stopped before its first "
+                              f"checkpoint (nothing to resume); remove that directory to reuse the name, or "
+                              "choose another run.name")
         raise ConfigError(f"run.name={name!r}: {path} already exists; continue that run with "
                           f"`python -m rlkd.main --resume {path}`, or choose another run.name")
     return path
@@ -166,9 +170,9 @@ def format_table(summary: dict, run_dir: Path) -> str:
     for name, s in summary["scores"].items():
         if s:
             g = s.get("greedy") or {}
+            greedy_em, greedy_rl = g.get("exact_match", float("nan")), g.get("rougeL", float("nan"))
             rows.append(f"{name:<16} {s['exact_match_mean']:>7.1f} ± {s['exact_match_std']:<4.1f} "
-                        f"{s['rougeL_mean']:>7.1f} ± {s['rougeL_std']:<4.1f} {g.get('exact_match', float('nan')):>10.1f} "
-                        f"{g.get('rougeL', float('nan')):>10.1f}")
+                        f"{s['rougeL_mean']:>7.1f} ± {s['rougeL_std']:<4.1f} {greedy_em:>10.1f} {greedy_rl:>10.1f}")
     named = [(name, s["samples"]) for name, s in summary["scores"].items() if s]
     for i in range(len(named[0][1]) if named else 0):
         rows.append(f"example {i + 1}:")

@@ -192,10 +192,11 @@ def sweep(path: str, overrides: list[str] | tuple[str, ...] = (), log: Callable 
     import ray
     from ray import tune
 
-    from rlkd.cluster import connect_ray
+    from rlkd.cluster import check_reachable, connect_ray
     from rlkd.prepare import prepare
 
     base, tc, base_cfg = load_sweep(path, overrides)
+    check_reachable(base_cfg.run.ray_address)
     prepare(base_cfg, log)  # data and models checked (and the embedded ones built) once, before any trial
     storage = Path(base_cfg.run.output_dir).expanduser().resolve()
     exp_dir, sweep_dir = storage / tc.name, storage / f"{tc.name}-trials"
