@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"rlkd: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only directory: one line, not a traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"rlkd: error: {e.strerror or e}{where} (a full disk, or a directory rlkd cannot write?); "
+              "a run with a checkpoint continues with --resume RUN_DIR", file=sys.stderr)
+        return 1
     except Stopped as e:
         print(f"rlkd: {e}", file=sys.stderr)
         return e.exit_code
