@@ -234,8 +234,20 @@ class ActorGroup:
 
     def update_weights(self) -> None:
         """Load the learners' current student into every actor (a new weights version): over the collective
-        group when one is set up, else as one safetensors blob through the object store."""
+        group when one is set up, else as one safetensors blob through the object store. An actor that dies
+        during the sync is waited for (Ray restarts it) and the sync is done again."""
         self.version += 1
+        error = None
+        for _ in range(self.max_retries + 1):
+            try:
+                self._push_weights()
+                return
+            except ray.exceptions.RayActorError as e:
+                error = e
+                self._wait_for_restart(f"an actor died during the weight sync ({type(e).__name__})")
+        raise RuntimeError(f"the weight sync failed {self.max_retries + 1} times in a row") from error
+
+    def _push_weights(self) -> None:
         if self.sender is not None:  # receivers and sender block in the same broadcasts: start them together
             receive = [a.receive_weights.remote(self.layout, self.version) for a in self.actors]
             ray.get(self.sender() + receive)
@@ -246,6 +258,11 @@ class ActorGroup:
 
     def _recover(self, why: str) -> None:
         """Wait until Ray has restarted the actors (raises once restarts are exhausted), then resync."""
+        self._wait_for_restart(why)
+        if self.weights is not None:
+            self.update_weights()
+
+    def _wait_for_restart(self, why: str) -> None:
         self.restarts += 1
         print(f"rlkd: warning: {why}; waiting for the restart and retrying the call", flush=True)
         if self.sender is not None:  # a restarted actor is outside the group: weights go by object store now
@@ -253,8 +270,6 @@ class ActorGroup:
             self.sender = None
         # at-least-once: a call to an actor Ray is still restarting raises ActorUnavailableError otherwise
         ray.get([a.ready.options(max_task_retries=-1).remote() for a in self.actors])
-        if self.weights is not None:
-            self.update_weights()
 
     def kill(self) -> None:
         """Stop every actor and wait until it is dead (a resumed run reuses their names)."""

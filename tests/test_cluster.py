@@ -55,6 +55,17 @@ def _flaky_class():
         def ready(self):
             return True
 
+        def update_weights(self, ref, version):
+            import os
+            if not os.path.exists(self.marker + ".sync"):  # dies in its first weight sync
+                open(self.marker + ".sync", "w").close()
+                os._exit(1)
+            self.version = version
+            return {"bytes": 1, "version": version}
+
+        def held(self):
+            return getattr(self, "version", 0)
+
         def generate(self, chunk, seed):
             import os
             if not os.path.exists(self.marker):
@@ -84,3 +95,16 @@ def test_actor_group_gives_up_with_the_ray_error_as_cause(ray_cluster, tmp_path)
     with pytest.raises(RuntimeError, match="generate failed 4 times in a row") as err:
         group.split("generate", [1, 2], seed=0)
     assert isinstance(err.value.__cause__, ray_cluster.exceptions.RayActorError)
+
+
+def test_actor_group_survives_an_actor_that_dies_during_the_weight_sync(ray_cluster, tmp_path):
+    """kill -9 during a sync (issue 24: an unguarded ray.get in update_weights ended the run): Ray restarts
+    the actor, the group waits for it and syncs again, and every actor ends at the group's version."""
+    from rlkd.cluster import ActorGroup
+
+    actors = [ray_cluster.remote(_flaky_class()).options(max_restarts=1).remote(str(tmp_path / f"s{i}" / "died"))
+              for i in range(2)]
+    ray_cluster.get([a.ready.remote() for a in actors])
+    group = ActorGroup(actors, max_retries=3, weights=lambda: ray_cluster.put(b"w"))
+    group.update_weights()
+    assert group.restarts >= 1 and ray_cluster.get([a.held.remote() for a in actors]) == [group.version] * 2
