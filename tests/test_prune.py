@@ -1,0 +1,96 @@
+"""`python -m rlkd.prune`: a student cut from the teacher by layer and MLP-channel importance. The cut model
+reloads as an HF model of the new shape and generates (the KV cache is indexed by the new layer numbers); a
+layer that does nothing is the one dropped; a 151,936-row Qwen2 keeps its embedding and LM head whole."""
+import json
+
+import pytest
+import torch
+
+from rlkd.models import load_model, load_tokenizer
+from rlkd.prune import main
+from rlkd.sampling import hf_generate
+
+
+def _prune(tmp_path, model_dir, *args):
+    out = tmp_path / "pruned"
+    assert main(["--model", str(model_dir), "--out", str(out), "--calib-rows", "32", *args]) == 0
+    return out, json.loads((out / "prune.json").read_text())
+
+
+def test_cut_llama_reloads_and_generates(tmp_path, tiny_models, tiny_data):
+    width = load_model(tiny_models[0]).config.intermediate_size
+    out, summary = _prune(tmp_path, tiny_models[0], "--layers", "1", "--mlp-ratio", "0.5")
+    model = load_model(out)
+    assert model.config.num_hidden_layers == 1 and model.config.intermediate_size == round(width / 2)
+    assert summary["kept_layers"] in ([0], [1]) and summary["parameters_after"] < summary["parameters_before"]
+    tok, data = tiny_data
+    responses, logprobs = hf_generate(model, [d.prompt_ids for d in data[:4]], tok.pad_token_id, tok.eos_token_id, 6)
+    assert all(1 <= len(r) <= 6 for r in responses) and all(torch.isfinite(torch.tensor(x)).all() for x in logprobs)
+    assert len(load_tokenizer(out)) == len(tok)
+
+
+def _with_identity_layer(tmp_path):
+    """The shipped skills teacher (trained: every layer matters) with a layer inserted after layer 1 that adds
+    nothing to the residual stream, and skills rows to calibrate on."""
+    import copy
+
+    from rlkd.tasks import skills
+    from rlkd.tasks.teacher import SHIPPED_TEACHER
+
+    model = load_model(SHIPPED_TEACHER)
+    layers = list(model.model.layers)
+    idle = copy.deepcopy(layers[1])
+    with torch.no_grad():
+        idle.self_attn.o_proj.weight.zero_()
+        idle.mlp.down_proj.weight.zero_()
+    model.model.layers = torch.nn.ModuleList(layers[:2] + [idle] + layers[2:])
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = i
+    model.config.num_hidden_layers = len(model.model.layers)
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = model.config.layer_types[:1] * len(model.model.layers)
+    model.save_pretrained(str(tmp_path / "five"))
+    load_tokenizer(SHIPPED_TEACHER).save_pretrained(str(tmp_path / "five"))
+    assert skills.main(["--out", str(tmp_path / "suite"), "--train", "64", "--val", "8", "--test", "8"]) == 0
+    return tmp_path / "five", tmp_path / "suite" / "train.jsonl"
+
+
+@pytest.mark.parametrize("metric", ["loss", "influence"])
+def test_the_layer_that_does_nothing_is_dropped(tmp_path, metric):
+    five, data = _with_identity_layer(tmp_path)
+    _, summary = _prune(tmp_path, five, "--layers", "4", "--depth-metric", metric, "--data", str(data))
+    assert summary["kept_layers"] == [0, 1, 3, 4]
+    assert abs(summary["layer_scores"][2]) < 1e-5  # skipping it changes nothing
+
+
+def test_qwen2_with_151k_rows_keeps_its_embedding(tmp_path, tiny_models):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = load_tokenizer(tiny_models[1])
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=151_936, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=128, tie_word_embeddings=False,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model.save_pretrained(str(tmp_path / "qwen"))
+    tok.save_pretrained(str(tmp_path / "qwen"))
+    out, summary = _prune(tmp_path, tmp_path / "qwen", "--keep-layers", "0,2", "--mlp-ratio", "0.25")
+    cut = load_model(out)
+    assert summary["kept_layers"] == [0, 2] and cut.config.num_hidden_layers == 2
+    assert cut.lm_head.weight.shape == (151_936, 64) and cut.config.intermediate_size == 32
+    assert len(cut.config.layer_types) == 2
+    before = model.model.layers[2].mlp.down_proj.weight
+    after = cut.model.layers[1].mlp.down_proj.weight  # layer 2's most active channels, in order
+    assert after.shape == (64, 32) and all(any(torch.equal(c, b) for b in before.T) for c in after.T)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--layers", "0"], "--layers=0 is invalid"),
+    (["--keep-layers", "0,9"], "--keep-layers='0,9' is invalid"),
+    (["--mlp-ratio", "0"], "--mlp-ratio=0.0 is invalid"),
+    (["--layers", "1", "--keep-layers", "0"], "exclude each other"),
+])
+def test_bad_arguments_are_one_line(tmp_path, tiny_models, capsys, args, words):
+    assert main(["--model", str(tiny_models[0]), "--out", str(tmp_path / "o"), "--calib-rows", "8", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and not (tmp_path / "o").exists()
