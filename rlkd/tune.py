@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlkd import signing
 from rlkd.checks import check, safe_name
 from rlkd.config import Config, ConfigError, _build, build_config, read_yaml, set_field, to_dict
 from rlkd.outputs import COMPLETED, write_yaml
@@ -197,9 +198,10 @@ def sweep(path: str, overrides: list[str] | tuple[str, ...] = (), log: Callable 
 
     base, tc, base_cfg = load_sweep(path, overrides)
     check_reachable(base_cfg.run.ray_address)
-    prepare(base_cfg, log)  # data and models checked (and the embedded ones built) once, before any trial
     storage = Path(base_cfg.run.output_dir).expanduser().resolve()
     exp_dir, sweep_dir = storage / tc.name, storage / f"{tc.name}-trials"
+    _check_restorable(exp_dir)  # before anything could unpickle its files
+    prepare(base_cfg, log)  # data and models checked (and the embedded ones built) once, before any trial
     bundles = trial_bundles(base_cfg)
     trainable = tune.with_resources(make_trainable(base, tc, sweep_dir),
                                     tune.PlacementGroupFactory(bundles, strategy="PACK"))
@@ -213,6 +215,7 @@ def sweep(path: str, overrides: list[str] | tuple[str, ...] = (), log: Callable 
         else:
             tuner = _tuner(trainable, tc, base_cfg, param_space(tc.space), storage)
         results = tuner.fit()
+        signing.sign(exp_dir)  # what a later run of this command may restore
     finally:
         if started:
             ray.shutdown()
@@ -221,6 +224,17 @@ def sweep(path: str, overrides: list[str] | tuple[str, ...] = (), log: Callable 
             "command again to restore it")
         return exp_dir, False
     return _summarize(results, base, tc, exp_dir, log), True
+
+
+def _check_restorable(exp_dir: Path) -> None:
+    """A sweep directory is restored only if rlkd signed its state for this user (rlkd.signing)."""
+    if not (exp_dir / "tuner.pkl").exists():
+        return
+    why = signing.problem(exp_dir)
+    if why:
+        raise ConfigError(f"tune: {exp_dir} holds a sweep rlkd cannot vouch for ({why}); restoring it would "
+                          "unpickle its files, which can run code. Move it away (or change tune.name) to start "
+                          "the sweep afresh")
 
 
 def _summarize(results, base: dict, tc: TuneConfig, exp_dir: Path, log: Callable) -> Path:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Every run a test starts (in this process or a subprocess) starts a private Ray cluster: never the one a
 # developer's RAY_ADDRESS or `ray start` names (rlkd.cluster.connect_ray reads 'local' as "start my own").
 os.environ["RAY_ADDRESS"] = "local"
+# rlkd.signing's key goes to a throw-away config directory, never the developer's ~/.config
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="rlkd-tests-config-")
 
 # vLLM is an extra: without it its tests skip with this reason (the README's test command installs it)
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,

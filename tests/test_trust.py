@@ -99,3 +99,30 @@ def test_resume_of_a_live_run_is_refused_and_the_run_completes_untouched(tmp_pat
     assert proc.returncode == 0, out[-2000:]
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert (run_dir / COMPLETED).exists() and steps == list(range(1, 31))
+
+
+def test_a_planted_tuner_pkl_is_never_unpickled(tmp_path, capsys):
+    """Re-running a sweep restores it with Tuner.restore, which unpickles <output_dir>/<tune.name>/tuner.pkl:
+    only a directory whose files rlkd signed for this user is restored (rlkd.signing)."""
+    import pickle
+
+    from rlkd import signing
+    from rlkd.main import main
+
+    exp, marker = tmp_path / "smoke_sweep", tmp_path / "ran"  # tune.name of configs/sweeps/smoke.yaml
+    exp.mkdir()
+    (exp / "tuner.pkl").write_bytes(pickle.dumps(_Planted(marker)))
+    argv = ["--config", "configs/sweeps/smoke.yaml", f"run.output_dir={tmp_path}", f"model.cache_dir={tmp_path / 'c'}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot vouch" in err and not marker.exists()
+    signing.sign(tmp_path)  # this user now has a key, but the sweep directory is still unsigned
+    assert main(argv) == 2 and "rlkd-signature.json is missing" in capsys.readouterr().err
+    signing.sign(exp)  # signed, then changed: refused too
+    (exp / "tuner.pkl").write_bytes(pickle.dumps(_Planted(marker)) + b" ")
+    assert main(argv) == 2 and "tuner.pkl changed after rlkd signed it" in capsys.readouterr().err
+    assert not marker.exists()
+    signing.sign(exp)
+    assert signing.problem(exp) is None
+    (exp / "experiment_state-x.json").write_text("{}")  # a state file rlkd did not sign
+    assert "experiment_state-x.json was not signed by rlkd" in signing.problem(exp)
