@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import ray
+
 from rlkd import checkpoint
 from rlkd.invariants import InvariantWatch
 from rlkd.outputs import MetricsWriter, write_text_atomic
@@ -25,16 +27,20 @@ def read_metrics(run_dir: Path, up_to_step: int) -> list[dict]:
 
 
 class Stopped(Exception):
-    """The run was stopped by a signal: the last step finished, the checkpoint a --resume will use."""
+    """The run stopped before its last step (a signal, or a learner rank that died): the last step finished,
+    the checkpoint a --resume will use, and the command."""
 
-    def __init__(self, signal_name: str, step: int, ckpt: Path | None, run_dir: Path):
-        self.signal_name, self.step, self.ckpt, self.run_dir = signal_name, step, ckpt, run_dir
+    def __init__(self, signal_name: str, step: int, ckpt: Path | None, run_dir: Path, cause: str | None = None):
+        self.signal_name, self.step, self.ckpt, self.run_dir, self.cause = signal_name, step, ckpt, run_dir, cause
         where = f"checkpoint {ckpt.name} will be used" if ckpt else "no checkpoint yet, so it restarts from step 1"
-        super().__init__(f"stopped by {signal_name} after step {step}; {where}; continue with: "
+        why = f"stopped: {cause}," if cause else f"stopped by {signal_name}"
+        super().__init__(f"{why} after step {step}; {where}; continue with: "
                          f"python -m rlkd.main --resume {run_dir}")
 
     @property
     def exit_code(self) -> int:
+        if self.cause:
+            return 1
         return 143 if self.signal_name == "SIGTERM" else 130
 
 
@@ -111,6 +117,10 @@ class TrainLoop:
         except KeyboardInterrupt as e:  # SIGINT, or SIGTERM through rlkd.launch's handler
             raise Stopped(getattr(e, "signal_name", "SIGINT"), done, checkpoint.latest(self.run_dir),
                           self.run_dir) from None
+        except ray.exceptions.RayActorError as e:  # a learner rank (Ray does not restart them) or an actor
+            # whose restarts ran out: the step cannot go on, the checkpoints can
+            raise Stopped("", done, checkpoint.latest(self.run_dir), self.run_dir,
+                          cause=f"an actor died and was not restarted ({type(e).__name__})") from None
         finally:
             progress.close()
             writer.close()

@@ -115,6 +115,32 @@ def test_killed_actors_are_restarted_and_the_run_completes(ray_cluster, tmp_path
     assert all(math.isfinite(v) for r in rows for v in r.values())
 
 
+def test_a_killed_learner_stops_with_the_resume_command_and_the_resume_completes(ray_cluster, tmp_path):
+    """kill -9 of a learner rank (Ray does not restart learners): one line with the last step, the checkpoint
+    and the resume command, exit 1; the resume continues from that checkpoint to the end."""
+    import os
+    import signal
+
+    import psutil
+
+    from rlkd.loop import Stopped
+
+    def kill_learner(metrics, ckpt):
+        if metrics["step"] == 3:
+            for p in psutil.process_iter(["cmdline"]):
+                if any("LearnerWorker" in part for part in (p.info["cmdline"] or [])):
+                    os.kill(p.pid, signal.SIGKILL)
+
+    with pytest.raises(Stopped) as stopped:
+        run(_cfg(tmp_path, "learner", "train.steps=6", "train.checkpoint_every=2"), on_step=kill_learner)
+    message = str(stopped.value)
+    assert stopped.value.exit_code == 1 and "\n" not in message
+    assert "after step 3; checkpoint step_000002 will be used; continue with: python -m rlkd.main --resume" in message
+    run_dir = tmp_path / "learner"
+    run(load_config(str(run_dir / "config.yaml")), resume=run_dir)
+    assert (run_dir / COMPLETED).exists() and [r["step"] for r in _rows(run_dir)] == list(range(1, 7))
+
+
 def test_sigterm_stops_with_the_resume_command(tmp_path):
     """What `ray job stop` sends: the run stops within seconds, says where it stopped and how to resume."""
     import os
