@@ -84,8 +84,15 @@ def _submit(head, job_id, args):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     ray, address = head
-    subprocess.run([ray, "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait", "--",
-                    sys.executable, "-m", "rlkd.main", *args], env=ENV, check=True, capture_output=True, timeout=120)
+    cmd = [ray, "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait", "--",
+           sys.executable, "-m", "rlkd.main", *args]
+    deadline = time.time() + 120  # the head's job agent may come up after its dashboard answers (seen under load)
+    while True:
+        done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+        if done.returncode == 0 or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert done.returncode == 0, f"ray job submit failed: {(done.stdout + done.stderr)[-2000:]}"
     client, deadline, status = JobSubmissionClient(address), time.time() + 900, None
     while time.time() < deadline:
         status = client.get_job_status(job_id)
