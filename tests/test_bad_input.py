@@ -28,7 +28,8 @@ def files(tmp_path, tiny_models):
     shutil.copytree(student, tmp_path / "custom_code")
     cfg = json.loads((tmp_path / "custom_code" / "config.json").read_text())
     (tmp_path / "custom_code" / "config.json").write_text(json.dumps({**cfg, "auto_map": {"AutoModel": "x.Y"}}))
-    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    (tmp_path / "runs" / "taken").mkdir(parents=True)  # stopped before its first checkpoint
+    (tmp_path / "runs" / "resumable" / "checkpoints" / "step_000002").mkdir(parents=True)
     return tmp_path
 
 
@@ -53,8 +54,10 @@ CASES = {
                                              ["model.tiny.head_dim=0", ">= 32"]),
     "negative steps named as such": (lambda f, m: ["train.steps=-1"], ["train.steps=-1", "> 0"]),
     "output dir is a file": (lambda f, m: [f"run.output_dir={f / 'a_file'}"], ["run.output_dir", "is a file"]),
-    "run directory exists": (lambda f, m: [f"run.output_dir={f / 'runs'}", "run.name=taken"],
-                             ["'taken'", "already exists", "--resume"]),
+    "run directory exists": (lambda f, m: [f"run.output_dir={f / 'runs'}", "run.name=resumable"],
+                             ["'resumable'", "already exists", "--resume"]),
+    "run directory exists, no checkpoint": (lambda f, m: [f"run.output_dir={f / 'runs'}", "run.name=taken"],
+                                            ["'taken'", "before its first checkpoint", "remove that directory"]),
     "model without weights": (lambda f, m: _models(m[0], f / "no_weights"), ["model.student", "no weights"]),
     "model without a tokenizer": (lambda f, m: _models(m[0], f / "no_tokenizer"), ["model.student",
                                                                                     "tokenizer does not load"]),
