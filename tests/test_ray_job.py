@@ -66,14 +66,25 @@ def head(tmp_path_factory):
         stop_group(proc)
 
 
-def _wait_for_dashboard(address: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+def _client(address: str):
+    """A JobSubmissionClient of `address` itself: Ray lets RAY_ADDRESS (conftest sets it to 'local') override
+    the address given, which would talk to whatever cluster `ray start` recorded on this machine."""
     from ray.job_submission import JobSubmissionClient
 
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    try:
+        return JobSubmissionClient(address)
+    finally:
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
+
+
+def _wait_for_dashboard(address: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, f"ray start exited with {proc.returncode}"
         try:
-            JobSubmissionClient(address).list_jobs()
+            _client(address).list_jobs()
             return
         except Exception:  # noqa: BLE001 - not up yet
             time.sleep(1)
@@ -81,7 +92,7 @@ def _wait_for_dashboard(address: str, proc: subprocess.Popen, timeout: float = 1
 
 
 def _submit(head, job_id, args):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
     ray, address = head
     cmd = [ray, "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait", "--",
@@ -93,7 +104,7 @@ def _submit(head, job_id, args):
             break
         time.sleep(3)
     assert done.returncode == 0, f"ray job submit failed: {(done.stdout + done.stderr)[-2000:]}"
-    client, deadline, status = JobSubmissionClient(address), time.time() + 900, None
+    client, deadline, status = _client(address), time.time() + 900, None
     while time.time() < deadline:
         status = client.get_job_status(job_id)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
