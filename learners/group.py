@@ -37,8 +37,22 @@ class LearnerGroup:
                         runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(num_cpus)))}}
                         ).remote(i, num_ranks)
             for i in range(num_ranks)]
-        addr, port = ray.get(self.workers[0].address.remote())
-        self.num_params = ray.get([w.setup.remote(addr, port, **setup_kwargs) for w in self.workers])[0]
+        self.num_params = self._setup(setup_kwargs)
+
+    def _setup(self, setup_kwargs: dict, attempts: int = 3) -> int:
+        """Join the ranks' process group at a port rank 0 picked. The port is free when picked but may be taken
+        before the group binds it (another run's group, Ray's own sockets); a single rank then just picks
+        again. Several ranks would wait for a master that never came, so they do not retry."""
+        for attempt in range(attempts):
+            addr, port = ray.get(self.workers[0].address.remote())
+            try:
+                return ray.get([w.setup.remote(addr, port, **setup_kwargs) for w in self.workers])[0]
+            except ray.exceptions.RayTaskError as e:
+                taken = "DistNetworkError" in type(e.cause).__name__ or "failed to listen" in str(e)
+                if not taken or len(self.workers) > 1 or attempt == attempts - 1:
+                    raise
+                print(f"rlkd: warning: learner port {port} was taken before the group bound it; picking another",
+                      flush=True)
 
     @property
     def size(self) -> int:
