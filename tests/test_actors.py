@@ -123,6 +123,8 @@ def test_teacher_mixed_sampling_logprobs(ray_cluster, tiny_models, tiny_data):
     assert (student - batch.rollout_logprobs).abs()[m].max() < 1e-3
     assert (mixture - batch.behavior_logprobs).abs()[m].max() < 1e-3
     assert all(tok.eos_token_id not in r[:-1] for r in out["responses"])
+    if importlib.util.find_spec("vllm") is None:  # the vLLM half below needs vLLM to build its engine
+        return
     with pytest.raises(Exception, match="needs rollout.backend='hf'"):
         ray_cluster.get(ray_cluster.remote(RolloutActor).options(num_cpus=1).remote(
             str(tiny_models[1]), "vllm", tok.pad_token_id, tok.eos_token_id, vllm_cpu_kv_cache_gib=0.1,
