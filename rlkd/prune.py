@@ -192,6 +192,10 @@ def run_cli(args, log=print) -> dict:
     examples, report = read_examples(args.data or SHIPPED_DOLLY, args.calib_rows)
     log(report.summary())
     tok, model = load_tokenizer(model_dir), load_model(model_dir).eval()
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not all(hasattr(getattr(x, "mlp", None), "down_proj") for x in layers):
+        raise ConfigError(f"--model={args.model!r} is invalid: rlkd.prune cuts Llama-style decoders "
+                          f"(model.layers[i].mlp.gate_proj/up_proj/down_proj), not {type(model).__name__}")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     batches = calibration_batches(tok, examples)

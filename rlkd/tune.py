@@ -215,7 +215,10 @@ def sweep(path: str, overrides: list[str] | tuple[str, ...] = (), log: Callable 
         else:
             tuner = _tuner(trainable, tc, base_cfg, param_space(tc.space), storage)
         results = tuner.fit()
-        signing.sign(exp_dir)  # what a later run of this command may restore
+        try:
+            signing.sign(exp_dir)  # what a later run of this command may restore
+        except OSError as e:  # e.g. a read-only HOME: the results stand, only a later restore is refused
+            log(f"tune: warning: could not sign {exp_dir} ({e}); re-running this sweep will start it afresh")
     finally:
         if started:
             ray.shutdown()

@@ -94,3 +94,15 @@ def test_bad_arguments_are_one_line(tmp_path, tiny_models, capsys, args, words):
     assert main(["--model", str(tiny_models[0]), "--out", str(tmp_path / "o"), "--calib-rows", "8", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0] and not (tmp_path / "o").exists()
+
+
+def test_a_model_without_llama_layers_is_one_line(tmp_path, tiny_models, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = load_tokenizer(tiny_models[1])
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path / "g")
+    tok.save_pretrained(tmp_path / "g")
+    capsys.readouterr()  # the save's progress bar
+    assert main(["--model", str(tmp_path / "g"), "--out", str(tmp_path / "o"), "--calib-rows", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cuts Llama-style decoders" in err[0] and "GPT2LMHeadModel" in err[0]
