@@ -1,6 +1,5 @@
 """Check helpers for config sections. Each raises a ConfigError that names the field, the value and what is
 allowed. The whole-config validation lives in rlkd.validate (it needs the method table)."""
-
 from __future__ import annotations
 
 import math

@@ -50,11 +50,16 @@ def stop_on_sigterm() -> None:
     import threading
 
     def stop(signum, frame):
+        global SIGNALLED
+        SIGNALLED = "SIGTERM"
         e = KeyboardInterrupt()
         e.signal_name = "SIGTERM"
         raise e
     if threading.current_thread() is threading.main_thread():  # Tune runs trials in other threads
         signal.signal(signal.SIGTERM, stop)
+
+
+SIGNALLED: str | None = None  # set by the SIGTERM handler: an actor error that follows it is the signal's doing
 
 
 class TrainLoop:
@@ -118,9 +123,10 @@ class TrainLoop:
             raise Stopped(getattr(e, "signal_name", "SIGINT"), done, checkpoint.latest(self.run_dir),
                           self.run_dir) from None
         except ray.exceptions.RayActorError as e:  # a learner rank (Ray does not restart them) or an actor
-            # whose restarts ran out: the step cannot go on, the checkpoints can
-            raise Stopped("", done, checkpoint.latest(self.run_dir), self.run_dir,
-                          cause=f"an actor died and was not restarted ({type(e).__name__})") from None
+            # whose restarts ran out: the step cannot go on, the checkpoints can. Right after a SIGTERM it is
+            # the signal's doing (Ray may surface the interrupt as a dead actor): report the signal
+            cause = None if SIGNALLED else f"an actor died and was not restarted ({type(e).__name__})"
+            raise Stopped(SIGNALLED or "", done, checkpoint.latest(self.run_dir), self.run_dir, cause=cause) from None
         finally:
             progress.close()
             writer.close()
