@@ -41,25 +41,21 @@ def calibration_batches(tok, examples, batch_size: int = 16) -> list:
             for i in range(0, len(rows), batch_size)]
 
 
-def _forward(model, b):
-    return model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                 use_cache=False).logits
-
-
 @torch.no_grad()
 def calibration_loss(model, batches: list) -> float:
-    """Mean cross-entropy of the gold response tokens."""
+    """Mean cross-entropy of the gold response tokens (rlkd.forward, as the learners compute it)."""
+    from rlkd.forward import response_forward, token_logprobs
+
     total, count = 0.0, 0.0
     for b in batches:
-        logits = _forward(model, b)[:, b.prompt_width - 1:-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b.responses, reduction="none")
-        total += (nll * b.response_mask).sum().item()
+        logits, _ = response_forward(model, b, model.config.vocab_size)
+        total -= (token_logprobs(logits, b.responses) * b.response_mask).sum().item()
         count += b.response_mask.sum().item()
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def drop_one_loss(model, batches: list[dict]) -> list[float]:
+def drop_one_loss(model, batches: list) -> list[float]:
     """Per layer: the calibration loss with that layer skipped, minus the full model's."""
     layers, base = model.model.layers, calibration_loss(model, batches)
     rises = []
@@ -73,7 +69,7 @@ def drop_one_loss(model, batches: list[dict]) -> list[float]:
 
 
 @torch.no_grad()
-def importance(model, batches: list[dict]) -> tuple[list[float], list[torch.Tensor]]:
+def importance(model, batches: list) -> tuple[list[float], list[torch.Tensor]]:
     """(block influence per layer, mean |MLP activation| per channel per layer) over the unpadded tokens."""
     layers = model.model.layers
     influence, channels = torch.zeros(len(layers)), [torch.zeros(0) for _ in layers]
@@ -101,7 +97,8 @@ def importance(model, batches: list[dict]) -> tuple[list[float], list[torch.Tens
         for b in batches:
             mask = b.attention_mask.float()
             tokens += mask.sum().item()
-            _forward(model, b)
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
+                  use_cache=False)
     finally:
         for h in hooks:
             h.remove()
