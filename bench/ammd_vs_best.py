@@ -49,10 +49,9 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, help="the benchmark's budget, if quality.json does not record it")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ammd_vs_best"))
     a = ap.parse_args(argv)
-    import ray
     from quality import SIZES, overrides, run_one
 
-    from rlkd.cluster import connect_ray
+    from rlkd.cluster import connect_ray, shutdown_ray
     from rlkd.config import load_config
     from rlkd.prepare import prepare
 
@@ -79,8 +78,7 @@ def main(argv=None) -> int:
                          "equal_wall_steps": steps, "ammd_train_seconds": t_ammd, "baseline_train_seconds": t_base,
                          "equal_wall": timed, "rkl": _by(runs, "rkl", size)})
     finally:
-        if started:
-            ray.shutdown()
+        shutdown_ray(started)
     Path(f"{a.out}.json").write_text(json.dumps(rows, indent=1) + "\n")
     text = report(rows, (time.time() - t0) / 60)
     Path(f"{a.out}.md").write_text(text)

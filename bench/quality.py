@@ -187,10 +187,9 @@ def _args(argv):
 
 def dolly_only(a, log) -> int:
     """Re-run the Dolly section alone; the skills tables already in <out>.md are kept as they are."""
-    import ray
     from quality_dolly import dolly_section
 
-    from rlkd.cluster import connect_ray
+    from rlkd.cluster import connect_ray, shutdown_ray
 
     md, js = Path(f"{a.out}.md"), Path(f"{a.out}.json")
     if not md.is_file() or not js.is_file():
@@ -200,8 +199,7 @@ def dolly_only(a, log) -> int:
     try:
         section = dolly_section(a.dolly_methods.split(","), list(range(a.seeds)), a.budget, False, work, log)
     finally:
-        if started:
-            ray.shutdown()
+        shutdown_ray(started)
     section = section.replace("student steps)", f"student steps; `python bench/quality.py --dolly-only "
                               f"--seeds {a.seeds} --budget {a.budget}`, {(time.time() - t0) / 60:.0f} min)", 1)
     text = md.read_text().split("\n## Dolly", 1)[0].rstrip("\n") + "\n"
@@ -230,11 +228,10 @@ def main(argv=None) -> int:
     a, t0, log = _args(argv), time.time(), print
     if a.dolly_only:
         return dolly_only(a, log)
-    import ray
     from quality_dolly import dolly_section
     from quality_report import report
 
-    from rlkd.cluster import connect_ray
+    from rlkd.cluster import connect_ray, shutdown_ray
     from rlkd.config import load_config
     from rlkd.prepare import prepare
 
@@ -264,8 +261,7 @@ def main(argv=None) -> int:
             done["dolly"] = dolly_section(dolly_methods, seeds, budget, a.smoke, work, log)
             save()
     finally:
-        if started:
-            ray.shutdown()
+        shutdown_ray(started)
     head = (f"`python bench/quality.py{flags}`: skills suite, {len(seeds)} training seed(s) per method and student, "
             f"budget {budget} student optimizer steps per run, learning rate per method from the grid {lrs} "
             f"chosen on validation exact match; test split, {cfgs['S'].eval.num_examples} prompts, "

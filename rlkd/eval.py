@@ -113,7 +113,7 @@ def evaluate_examples(examples, model_dir: Path, teacher_dir: Path | None, args,
     import ray
 
     from actors.rollout import RolloutActor
-    from rlkd.cluster import connect_ray
+    from rlkd.cluster import connect_ray, shutdown_ray
 
     vocab = check_same_tokenizer(teacher_dir, model_dir) if teacher_dir else None
     tok = load_tokenizer(model_dir)
@@ -149,8 +149,7 @@ def evaluate_examples(examples, model_dir: Path, teacher_dir: Path | None, args,
                                               args.max_new_tokens, args.seeds[0], args.batch_size,
                                               args.no_repeat_ngram_size)))
     finally:
-        if started:
-            ray.shutdown()
+        shutdown_ray(started)
     return result
 
 

@@ -13,7 +13,17 @@ from pathlib import Path
 
 from rlkd import checkpoint
 from rlkd.algorithms import Method, build_method
-from rlkd.cluster import ActorGroup, check_reachable, connect_ray, layout, placement, resources, unplaced, wait_placed
+from rlkd.cluster import (
+    ActorGroup,
+    check_reachable,
+    connect_ray,
+    layout,
+    placement,
+    resources,
+    shutdown_ray,
+    unplaced,
+    wait_placed,
+)
 from rlkd.config import Config, ConfigError, to_dict
 from rlkd.controller import Controller, StepSettings
 from rlkd.data import PromptSampler
@@ -188,8 +198,7 @@ def run(cfg: Config, log: Callable = print, resume: Path | None = None, on_step:
         if resume is None:
             run_dir_for(cfg.run.output_dir, cfg.run.name, cfg.algo.method)  # fail before the slow preparation
         prep = prepare(cfg, log)
-        method = build_method(cfg.algo, cfg.train.seed, cfg.train.steps,
-                              max(1, len(prep.train) // cfg.train.batch_size))
+        method = _method_on_its_rows(cfg, prep, log)
         if resume is None:
             run_dir = _new_run_dir(cfg, prep)
             lock = RunLock.take(run_dir, "run.name")
@@ -208,12 +217,28 @@ def run(cfg: Config, log: Callable = print, resume: Path | None = None, on_step:
     return run_dir
 
 
+def _method_on_its_rows(cfg: Config, prep: Prepared, log: Callable):
+    """The method, with prep.train narrowed to the rows it may draw: in the label-scarce regime
+    (data.labelled_rows) a method that trains on answers sees only the labelled rows."""
+    def build(rows: int):
+        return build_method(cfg.algo, cfg.train.seed, cfg.train.steps, max(1, rows // cfg.train.batch_size))
+
+    method, n = build(len(prep.train)), cfg.data.labelled_rows
+    if n > len(prep.train):
+        raise ConfigError(f"config field data.labelled_rows={n} is invalid: at most the {len(prep.train)} train rows")
+    if n:
+        if method.uses_gold:
+            prep.train = prep.train[:n]
+            method = build(n)
+        log(f"data: label-scarce: {n} of the train rows keep their answers; {cfg.algo.method} draws from "
+            f"{len(prep.train)} rows ({'it trains on answers' if method.uses_gold else 'it needs only prompts'})")
+    return method
+
+
 def _train(cfg: Config, prep: Prepared, method, run_dir: Path, ckpt: Path | None, log: Callable,
            on_step: Callable | None) -> tuple[dict, list]:
     """The Ray part of a run: actors and learners, baselines, the training loop, the final student and its
     evaluation. Returns (scores, metrics history)."""
-    import ray
-
     from rlkd.loop import TrainLoop
 
     started = connect_ray(cfg.run.num_cpus, log, cfg.run.ray_address)
@@ -240,8 +265,7 @@ def _train(cfg: Config, prep: Prepared, method, run_dir: Path, ckpt: Path | None
     finally:
         if groups is not None:
             groups.shutdown()
-        if started:
-            ray.shutdown()
+        shutdown_ray(started)
     return scores, history
 
 

@@ -212,6 +212,17 @@ def _embedded_key(cfg: Config, data_file: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def remove_abandoned_builds(cache: Path) -> None:
+    """Remove `.building-PID-*` directories whose process is gone (a build killed half way); a build still
+    running in another process is left alone."""
+    import psutil
+
+    for d in cache.glob(".building-*"):
+        pid = d.name.split("-")[1]
+        if not pid.isdigit() or not psutil.pid_exists(int(pid)):  # older builds had no pid in the name
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def build_cached(root: Path, build: Callable[[Path], None], log=print) -> Path:
     """`root` if a finished build is cached there; else build(tmp) into a temporary sibling directory,
     mark it DONE and rename it into place (a concurrent run that finished first wins)."""
@@ -219,7 +230,8 @@ def build_cached(root: Path, build: Callable[[Path], None], log=print) -> Path:
         log(f"models: reusing cached {root}")
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=root.parent))
+    remove_abandoned_builds(root.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".building-{os.getpid()}-", dir=root.parent))
     t0 = time.time()
     build(tmp)
     (tmp / "DONE").write_text(f"built in {time.time() - t0:.1f}s\n")

@@ -54,7 +54,13 @@ def prepare(cfg: Config, log: Callable = print) -> Prepared:
     else:
         trust = cfg.model.trust_remote_code
         teacher_dir = check_model_dir(cfg.model.teacher, "config field model.teacher", trust, log)
-        student_dir = check_model_dir(cfg.model.student, "config field model.student", trust, log)
+        student_dir = (None if cfg.model.prune_layers else
+                       check_model_dir(cfg.model.student, "config field model.student", trust, log))
+    if cfg.model.prune_layers:  # the student is cut from the teacher, on labelled rows only
+        from rlkd.prune import cached_pruned_student
+
+        labelled = data.train[:d.labelled_rows] if d.labelled_rows else data.train
+        student_dir = cached_pruned_student(cfg, teacher_dir, labelled, log)
     vocab = check_same_tokenizer(teacher_dir, student_dir, cfg.model.trust_remote_code)
     check_positions(cfg, teacher_dir, student_dir)
     if cfg.algo.method == "okd":

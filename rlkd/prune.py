@@ -142,7 +142,7 @@ def prune(model, keep_layers: list[int], channel_scores: list[torch.Tensor] | No
     return {"kept_layers": keep_layers, "intermediate_size": width}
 
 
-def choose_layers(scores: list[float], layers: int | None, keep: str | None) -> list[int]:
+def choose_layers(scores: list[float], layers: int | None, keep: str | None, field: str = "--layers") -> list[int]:
     n = len(scores)
     if keep:
         try:
@@ -154,8 +154,26 @@ def choose_layers(scores: list[float], layers: int | None, keep: str | None) -> 
         return chosen
     layers = n if layers is None else layers
     if not 1 <= layers <= n:
-        raise ConfigError(f"--layers={layers} is invalid: between 1 and the model's {n} layers")
+        raise ConfigError(f"{field}={layers} is invalid: between 1 and the model's {n} layers")
     return sorted(sorted(range(n), key=lambda i: -scores[i])[:layers])
+
+
+def cached_pruned_student(cfg, teacher_dir: Path, examples: list, log=print) -> Path:
+    """`model.prune_layers`: the teacher cut by prune_dir on up to 128 labelled rows, cached under model.cache_dir
+    (keyed by the teacher's weight files, the rows and the cut), so a second run reuses it."""
+    import hashlib
+
+    from rlkd.models import build_cached
+
+    m, rows = cfg.model, examples[:128]
+    key = hashlib.sha256(json.dumps({"layers": m.prune_layers, "mlp": m.prune_mlp_ratio, "v": 1,
+                                     "rows": [[e.prompt, e.references[0]] for e in rows]}).encode())
+    for f in sorted(Path(teacher_dir).glob("*.safetensors")):  # size and mtime: a 70B teacher is not re-read
+        key.update(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    root = Path(m.cache_dir).expanduser() / f"pruned-student-{key.hexdigest()[:12]}"
+    return build_cached(root, lambda tmp: prune_dir(teacher_dir, tmp, rows, m.prune_layers, None, "loss",
+                                                    m.prune_mlp_ratio, log, ("model.teacher", "model.prune_layers")),
+                        log)
 
 
 def parse_args(argv):
@@ -183,34 +201,45 @@ def parse_args(argv):
 
 def run_cli(args, log=print) -> dict:
     from rlkd.data import SHIPPED_DOLLY, read_examples
-    from rlkd.models import check_model_dir, load_model, load_tokenizer
+    from rlkd.models import check_model_dir
 
     model_dir = check_model_dir(args.model, "--model")
     examples, report = read_examples(args.data or SHIPPED_DOLLY, args.calib_rows)
     log(report.summary())
+    return prune_dir(model_dir, Path(args.out), examples, args.layers, args.keep_layers, args.depth_metric,
+                     args.mlp_ratio, log)
+
+
+def prune_dir(model_dir: Path, out: Path, examples: list, layers: int | None, keep_layers: str | None = None,
+              depth_metric: str = "loss", mlp_ratio: float = 1.0, log=print,
+              fields: tuple[str, str] = ("--model", "--layers")) -> dict:
+    """Cut the HF decoder in `model_dir` by importance on `examples` and write it to `out` (with its tokenizer
+    and prune.json). Used by the CLI and by runs that name `model.prune_layers`."""
+    from rlkd.models import load_model, load_tokenizer
+
     tok, model = load_tokenizer(model_dir), load_model(model_dir).eval()
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or not all(hasattr(getattr(x, "mlp", None), "down_proj") for x in layers):
-        raise ConfigError(f"--model={args.model!r} is invalid: rlkd.prune cuts Llama-style decoders "
+    decoder_layers = getattr(getattr(model, "model", None), "layers", None)
+    if decoder_layers is None or not all(hasattr(getattr(x, "mlp", None), "down_proj") for x in decoder_layers):
+        raise ConfigError(f"{fields[0]}={str(model_dir)!r} is invalid: rlkd.prune cuts Llama-style decoders "
                           f"(model.layers[i].mlp.gate_proj/up_proj/down_proj), not {type(model).__name__}")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     batches = calibration_batches(tok, examples)
     influence, channels = importance(model, batches)
-    scores = drop_one_loss(model, batches) if args.depth_metric == "loss" else influence
-    keep = choose_layers(scores, args.layers, args.keep_layers)
+    scores = drop_one_loss(model, batches) if depth_metric == "loss" else influence
+    keep = choose_layers(scores, layers, keep_layers, fields[1])
     before = sum(p.numel() for p in model.parameters())
-    summary = prune(model, keep, channels, args.mlp_ratio)
+    summary = prune(model, keep, channels, mlp_ratio)
     after = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(args.out)
-    load_tokenizer(model_dir).save_pretrained(args.out)
-    summary.update(source=str(model_dir), depth_metric=args.depth_metric, layer_scores=scores,
+    model.save_pretrained(str(out))
+    load_tokenizer(model_dir).save_pretrained(str(out))
+    summary.update(source=str(model_dir), depth_metric=depth_metric, layer_scores=scores,
                    block_influence=influence, calibration_rows=len(examples),
-                   mlp_ratio=args.mlp_ratio, parameters_before=before, parameters_after=after)
-    (Path(args.out) / "prune.json").write_text(json.dumps(summary, indent=1) + "\n")
-    log(f"layer importance ({args.depth_metric}): {[round(s, 4) for s in scores]}; kept layers {keep}, "
+                   mlp_ratio=mlp_ratio, parameters_before=before, parameters_after=after)
+    (Path(out) / "prune.json").write_text(json.dumps(summary, indent=1) + "\n")
+    log(f"layer importance ({depth_metric}): {[round(s, 4) for s in scores]}; kept layers {keep}, "
         f"MLP width {summary['intermediate_size']}; {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters "
-        f"-> {args.out}")
+        f"-> {out}")
     return summary
 
 

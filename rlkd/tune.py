@@ -11,10 +11,14 @@ trials from their last checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import os
 import shutil
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,10 +194,9 @@ def _tuner(trainable, tc: TuneConfig, base_cfg: Config, space: dict, storage: Pa
 
 def sweep(path: str, overrides: list[str] | tuple[str, ...] = (), log: Callable = print) -> tuple[Path, bool]:
     """Run (or restore) the sweep in `path`; returns (experiment directory, whether every trial ended)."""
-    import ray
     from ray import tune
 
-    from rlkd.cluster import check_reachable, connect_ray
+    from rlkd.cluster import check_reachable, connect_ray, shutdown_ray
     from rlkd.prepare import prepare
 
     base, tc, base_cfg = load_sweep(path, overrides)
@@ -214,19 +217,48 @@ def sweep(path: str, overrides: list[str] | tuple[str, ...] = (), log: Callable 
                                        resume_errored=True)
         else:
             tuner = _tuner(trainable, tc, base_cfg, param_space(tc.space), storage)
-        results = tuner.fit()
+        with _ctrl_c_noted() as interrupted:
+            results = tuner.fit()
         try:
             signing.sign(exp_dir)  # what a later run of this command may restore
         except OSError as e:  # e.g. a read-only HOME: the results stand, only a later restore is refused
             log(f"tune: warning: could not sign {exp_dir} ({e}); re-running this sweep will start it afresh")
     finally:
-        if started:
-            ray.shutdown()
-    if results.num_terminated + results.num_errors < len(results):
+        shutdown_ray(started)
+    if interrupted.is_set() or results.num_terminated + results.num_errors < len(results):
         log(f"tune: sweep interrupted ({results.num_terminated} of {len(results)} trials finished); run the same "
             "command again to restore it")
         return exp_dir, False
     return _summarize(results, base, tc, exp_dir, log), True
+
+
+@contextlib.contextmanager
+def _ctrl_c_noted():
+    """Yields an Event set by a Ctrl-C during the block. Tune's own SIGINT handler is switched off
+    (TUNE_DISABLE_SIGINT_HANDLER) and ours forwards the stop as SIGUSR1, which Tune always handles the same way
+    (save the experiment state, stop the trials); the trials a Ctrl-C also reached then count as errored, and
+    without the Event the sweep would be summarised as finished with no results (exit 1) instead of
+    'interrupted' (exit 130, run it again to restore)."""
+    interrupted, previous = threading.Event(), signal.getsignal(signal.SIGINT)
+    env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+
+    def on_ctrl_c(sig, frame):
+        interrupted.set()
+        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C stops at once
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
+            raise KeyboardInterrupt  # Tune's loop has not started (or has ended): nothing to stop gracefully
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env
 
 
 def _check_restorable(exp_dir: Path) -> None:

@@ -19,11 +19,17 @@ def validate(cfg) -> None:
         hidden = getattr(t, f"{role}_hidden")
         check(hidden % t.head_dim == 0, f"model.tiny.{role}_hidden", hidden,
               f"a multiple of model.tiny.head_dim={t.head_dim}")
-    check((m.teacher is None) == (m.student is None), "model.teacher", m.teacher,
-           "set both model.teacher and model.student, or neither (embedded tiny models)")
+    positive(m, "model", ["prune_layers"], allow_zero=True)
+    check(0 < m.prune_mlp_ratio <= 1, "model.prune_mlp_ratio", m.prune_mlp_ratio, "in (0, 1]")
+    if m.prune_layers:
+        check(m.student is None, "model.student", m.student,
+              "null when model.prune_layers > 0 (the student is then cut from the teacher)")
+    else:
+        check((m.teacher is None) == (m.student is None), "model.teacher", m.teacher,
+              "set both model.teacher and model.student, or neither (embedded tiny models)")
     positive(d, "data", ["max_prompt_tokens", "max_response_tokens", "val_size", "skills_train_rows"])
     one_of(d.builtin, "data.builtin", ["dolly", "skills"])
-    positive(d, "data", ["max_rows"], allow_zero=True)
+    positive(d, "data", ["max_rows", "labelled_rows"], allow_zero=True)
     r = cfg.rollout
     check(r.backend in ("vllm", "hf"), "rollout.backend", r.backend, "one of ['hf', 'vllm']")
     positive(r, "rollout", ["num_actors", "temperature", "sync_every", "sync_check_tol", "num_cpus"])

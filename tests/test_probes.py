@@ -85,3 +85,17 @@ def test_a_run_stopped_before_its_first_checkpoint_says_how_to_start_again(tmp_p
     assert main(["--resume", str(tmp_path / "early")]) == 2
     resume = capsys.readouterr().err
     assert "nothing to resume; remove the directory and start the run again" in resume
+
+
+def test_a_home_rlkd_cannot_write_is_one_line(tmp_path, capsys, monkeypatch):
+    """A HOME that cannot hold the model cache (a read-only one; here a file, since root may write anywhere):
+    one line naming the path, exit 1, no traceback."""
+    from rlkd.main import main
+
+    home = tmp_path / "home"
+    home.write_text("not a directory")
+    monkeypatch.setenv("HOME", str(home))
+    code = main([*SMOKE, f"run.output_dir={tmp_path / 'out'}", "run.name=r"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("rlkd: error:"), err
+    assert str(home) in err[0] and "rlkd cannot write" in err[0], err[0]

@@ -87,6 +87,28 @@ def test_interrupted_sweep_is_restored(tmp_path):
     assert "resumed from" in out.stdout + out.stderr  # a trial continued from its checkpoint
 
 
+def test_ctrl_c_before_any_result_says_interrupted(tmp_path):
+    """Ctrl-C in a terminal reaches the whole process group, trials included, before any trial reported:
+    the sweep is 'interrupted' (exit 130, run it again), not a finished sweep of NaN rows (exit 1)."""
+    proc = subprocess.Popen(_cmd(tmp_path, *LONG), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    runs = tmp_path / "smoke_sweep-trials" / "runs"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (runs.is_dir() and any(runs.iterdir())):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        out = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not list(runs.glob("*/COMPLETED")), "a trial finished before the Ctrl-C"
+    assert proc.returncode == 130, out[-3000:]
+    assert "sweep interrupted" in out and "run the same command again" in out, out[-3000:]
+    assert "no trial reported" not in out
+
+
 def test_bad_sweeps_fail_with_one_line(tmp_path, capsys):
     from rlkd.main import main
 

@@ -1,0 +1,77 @@
+"""A run leaves nothing behind (issue 24 item 6): at a clean end its Ray session directory is removed, and
+after its driver is killed with SIGKILL no process of its cluster (agents, workers, actors) remains after a
+bounded time and the session directory goes too (rlkd.reaper)."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+BOUND_S = 60  # the reaper's grace (10 s) and kill, with room for a loaded machine
+
+
+def _cmd(tmp_path, name, *overrides):
+    return [sys.executable, "-m", "rlkd.main", "--config", "configs/smoke.yaml", f"run.output_dir={tmp_path}",
+            f"run.name={name}", f"model.cache_dir={tmp_path / 'cache'}", "eval.num_examples=0", "eval.baselines=false",
+            *overrides]
+
+
+def _env():
+    return {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+
+
+def _session(out: str) -> Path:
+    found = re.search(r"started a private local cluster \(.*session (\S+)\)", out)
+    assert found, out[-3000:]
+    return Path(found.group(1))
+
+
+def test_a_clean_end_removes_the_session_directory(tmp_path):
+    out = subprocess.run(_cmd(tmp_path, "clean", "train.steps=2", "algo.method=fkl"), cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    session = _session(out.stdout + out.stderr)
+    assert session.name.startswith("session_") and not session.exists()
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def test_a_killed_driver_leaves_no_ray_process_or_session_directory(tmp_path):
+    log, cluster = tmp_path / "driver.log", []
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_cmd(tmp_path, "killed", "train.steps=200", "algo.method=fkl"), cwd=ROOT, env=_env(), stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    metrics, deadline = tmp_path / "killed" / "metrics.jsonl", time.time() + 600
+    try:
+        while not (metrics.is_file() and metrics.read_text().strip()):  # training has started: actors are up
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        cluster = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "rlkd.reaper" not in " ".join(p.cmdline())]
+        session = _session(log.read_text())
+        assert len(cluster) >= 5 and session.is_dir()  # gcs, raylet, agents, the learner, the actors
+        proc.send_signal(signal.SIGKILL)  # the driver only, as the OOM killer would
+        proc.wait()
+        gone = time.time() + BOUND_S
+        while time.time() < gone and (any(_alive(p) for p in cluster) or session.exists()):
+            time.sleep(1)
+        left = [f"{p.pid} {p.name()}" for p in cluster if _alive(p)]
+        assert not left and not session.exists(), (left, session.exists())
+    finally:  # if the test failed: stop what it started, by its own handles
+        if proc.poll() is None:
+            proc.kill()
+        for p in cluster:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
