@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rlkd.config import Config, ConfigError
 from rlkd.data import DataError, prompt_summary, read_examples, tokenize
-from rlkd.metrics import decode, sample_scores, summarize
+from rlkd.metrics import decode, exact_match, sample_scores, summarize
 from rlkd.models import check_model_dir, check_same_tokenizer, load_tokenizer
 from rlkd.outputs import check_writable_dir
 
@@ -81,6 +81,17 @@ def teacher_metrics(teacher_dir, model_dir, vocab, pad_id, eos_id, prompts, refe
             "gold_ce": M.masked_mean(gold["nll"], mask),
             "exacc_err_16": M.exacc_err(kl_s, m_s, kl_t, m_t, 16),
             f"exacc_err_full_{full}": M.exacc_err(kl_s, m_s, kl_t, m_t, full)}
+
+
+def gold_agreement(teacher_dir, model_dir, vocab, pad_id, eos_id, prompts, references, batch_size: int = 32) -> dict:
+    """Teacher-forced on the gold answers: TOP-1 agreement with the teacher (%) and the gold cross-entropy. They
+    measure what a model knows, where a sampled score also rewards sharpness. Runs where it is called."""
+    from actors.pair_scorer import PairScorer
+    from rlkd import metrics as M
+
+    gold = PairScorer(str(teacher_dir), str(model_dir), vocab, pad_id, eos_id).stats(prompts, references, batch_size)
+    return {"top1_agreement": 100 * M.masked_mean(gold["hits"], gold["mask"]),
+            "gold_ce": M.masked_mean(gold["nll"], gold["mask"])}
 
 
 def run_cli(args, log=print) -> dict:
@@ -178,11 +189,14 @@ def evaluate_model(cfg: Config, tok, sample: Callable, rows) -> dict | None:
 
 
 def greedy_scores(tok, rows, responses: list[list[int]]) -> dict:
-    """Exact match (overall and per family), ROUGE-L, length and EOS rate of one greedy decoding."""
-    one, _ = score_responses(tok, rows, [responses])
+    """Exact match (overall, per family and per row: `correct`, for paired comparisons on the same prompts),
+    ROUGE-L, length and EOS rate of one greedy decoding, and its first three answers."""
+    one, texts = score_responses(tok, rows, [responses])
     return {"exact_match": one["exact_match_mean"], "rougeL": one["rougeL_mean"], "length": one["length_mean"],
             "eos_rate": one["eos_rate_mean"],
-            "exact_match_family": {f: v["mean"] for f, v in one["exact_match_family"].items()}}
+            "exact_match_family": {f: v["mean"] for f, v in one["exact_match_family"].items()},
+            "correct": [int(x > 0) for x in exact_match(texts[0], [r.references for r in rows])],
+            "answers": texts[0][:3]}
 
 
 def evaluate_dir(cfg: Config, tok, model_dir: Path, rows) -> dict | None:

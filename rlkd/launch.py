@@ -261,7 +261,8 @@ def _train(cfg: Config, prep: Prepared, method, run_dir: Path, ckpt: Path | None
         prep.tokenizer.save_pretrained(str(final_dir))
         if method.adapted_teacher is not None:  # OKD: the adapted teacher is a result too
             groups.learners.save_adapted_teacher(str(run_dir / "teacher_adapter"))
-        scores["student_after"] = evaluate_dir(cfg, prep.tokenizer, final_dir, prep.test)
+        scores["student_after"] = with_forced(cfg, prep, final_dir,
+                                               evaluate_dir(cfg, prep.tokenizer, final_dir, prep.test))
     finally:
         if groups is not None:
             groups.shutdown()
@@ -283,5 +284,21 @@ def _baselines(cfg: Config, prep: Prepared, groups: Groups) -> dict:
     tok = prep.tokenizer
     teacher = (sampler_from_group(cfg, groups.teachers) if len(groups.teachers)
                else sampler_from_dir(cfg, tok, prep.teacher_dir))
-    return {"teacher": evaluate_model(cfg, tok, teacher, prep.test),
-            "student_before": evaluate_dir(cfg, tok, prep.student_dir, prep.test)}
+    return {"teacher": with_forced(cfg, prep, prep.teacher_dir, evaluate_model(cfg, tok, teacher, prep.test)),
+            "student_before": with_forced(cfg, prep, prep.student_dir,
+                                           evaluate_dir(cfg, tok, prep.student_dir, prep.test))}
+
+
+def with_forced(cfg: Config, prep: Prepared, model_dir: Path, scores: dict | None) -> dict | None:
+    """`scores` with the model's TOP-1 agreement with the teacher and gold cross-entropy on the same rows."""
+    import ray
+
+    from rlkd.eval import gold_agreement
+
+    if scores is None:
+        return None
+    rows, tok = prep.test[:cfg.eval.num_examples], prep.tokenizer
+    scores["forced"] = ray.get(ray.remote(num_cpus=1)(gold_agreement).remote(
+        str(prep.teacher_dir), str(model_dir), prep.vocab_size, tok.pad_token_id, tok.eos_token_id,
+        [r.prompt_ids for r in rows], [r.response_ids for r in rows]))
+    return scores

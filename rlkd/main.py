@@ -1,8 +1,8 @@
 """`python -m rlkd.main [--config FILE | --resume RUN_DIR] [section.field=value ...]`: run one distillation job.
 
-Without arguments it runs the embedded default: AMMD on the skills suite (rlkd.tasks.skills) with the
-shipped skills teacher and a tiny student SFT'd locally, on a local Ray cluster. Under `ray job submit`
-it joins that cluster.
+Without --config it runs the default job (rlkd/assets/default_job.yaml, the same as configs/default.yaml): the
+shipped skills teacher distilled with GKD into a 2-layer student cut from it, with 512 labelled rows and 4000
+prompts, on a local Ray cluster. Under `ray job submit` it joins that cluster.
 A config with a `tune:` section runs a Ray Tune sweep instead (rlkd.tune); `--resume` continues a
 run from its last checkpoint.
 """
@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 from rlkd.config import Config, ConfigError, field_docs, load_config, read_yaml
+
+DEFAULT_JOB = Path(__file__).parent / "assets" / "default_job.yaml"
 
 
 def _config_help(obj=None, prefix: str = "") -> list[str]:
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.config and not args.resume and "tune" in read_yaml(args.config):
             from rlkd.tune import sweep
             return 0 if sweep(args.config, args.overrides)[1] else 130  # 130: interrupted, as after Ctrl-C
-        config = str(Path(args.resume) / "config.yaml") if args.resume else args.config
+        config = str(Path(args.resume) / "config.yaml") if args.resume else (args.config or str(DEFAULT_JOB))
         if args.resume:
             from rlkd.checkpoint import resumable
             resumable(Path(args.resume), log=lambda *a: None)  # a clear error before the config is even read

@@ -163,16 +163,19 @@ def run_summary(cfg, method, prep, scores: dict, history: list[dict], wall: floa
 
 def format_table(summary: dict, run_dir: Path) -> str:
     """Teacher / student before / student after: exact match and ROUGE-L sampled at T = 1 (mean ± std over
-    seeds) and decoded greedily, and each model's answer to the same three held-out prompts."""
+    seeds) and decoded greedily, TOP-1 agreement and gold CE, and each model's answer to the same three held-out
+    prompts."""
     n, k = summary["num_examples"], summary["seeds"]
-    rows = [f"{'model':<16} {'exact match':>14} {'ROUGE-L':>14} {'greedy EM':>10} {'greedy R-L':>10}   "
-            f"({n} held-out prompts; sampled at T = 1: mean ± std over {k} seeds)"]
+    rows = [f"{'model':<16} {'exact match':>14} {'ROUGE-L':>14} {'greedy EM':>10} {'greedy R-L':>10} {'TOP-1':>6} "
+            f"{'gold CE':>7}   ({n} held-out prompts; sampled at T = 1: mean ± std over {k} seeds; TOP-1 agreement "
+            "with the teacher, %, and cross-entropy of the gold answers, teacher-forced)"]
+    nan = float("nan")
     for name, s in summary["scores"].items():
         if s:
-            g = s.get("greedy") or {}
-            greedy_em, greedy_rl = g.get("exact_match", float("nan")), g.get("rougeL", float("nan"))
+            g, f = s.get("greedy") or {}, s.get("forced") or {}
             rows.append(f"{name:<16} {s['exact_match_mean']:>7.1f} ± {s['exact_match_std']:<4.1f} "
-                        f"{s['rougeL_mean']:>7.1f} ± {s['rougeL_std']:<4.1f} {greedy_em:>10.1f} {greedy_rl:>10.1f}")
+                        f"{s['rougeL_mean']:>7.1f} ± {s['rougeL_std']:<4.1f} {g.get('exact_match', nan):>10.1f} "
+                        f"{g.get('rougeL', nan):>10.1f} {f.get('top1_agreement', nan):>6.1f} {f.get('gold_ce', nan):>7.2f}")
     named = [(name, s["samples"]) for name, s in summary["scores"].items() if s]
     for i in range(len(named[0][1]) if named else 0):
         rows.append(f"example {i + 1}:")

@@ -10,7 +10,8 @@ this watcher, in its own session (a Ctrl-C for the driver does not reach it):
 While the driver lives it records the cluster's processes (the driver's children whose command line
 names the session directory, and all their descendants). When the driver dies it gives them `GRACE_S`
 seconds to exit, kills the rest and removes the session directory. When the cluster's processes are gone
-while the driver lives (a clean `ray.shutdown()`), it just exits. psutil compares each process's start
+while the driver lives (`ray.shutdown()` ran, perhaps from an exit handler), it removes the session
+directory and exits. psutil compares each process's start
 time, so a reused pid is never signalled.
 """
 from __future__ import annotations
@@ -75,7 +76,8 @@ def watch(driver_pid: int, session_dir: str, poll: float = POLL_S, grace: float 
         except psutil.Error:
             pass
         if seen and not any(_alive(p) for p in seen.values()):
-            return  # a clean ray.shutdown(): the driver removes the session directory itself
+            remove_session(session_dir)  # ray.shutdown() ran (a later ray.init gets a new session directory)
+            return
         time.sleep(poll)
     deadline = time.time() + grace
     while time.time() < deadline and any(_alive(p) for p in seen.values()):

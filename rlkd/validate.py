@@ -23,7 +23,8 @@ def validate(cfg) -> None:
     check(0 < m.prune_mlp_ratio <= 1, "model.prune_mlp_ratio", m.prune_mlp_ratio, "in (0, 1]")
     if m.prune_layers:
         check(m.student is None, "model.student", m.student,
-              "null when model.prune_layers > 0 (the student is then cut from the teacher)")
+              f"null when model.prune_layers={m.prune_layers} (the student is then cut from the teacher, as in the "
+              "default job); set model.prune_layers=0 to use your own student")
     else:
         check((m.teacher is None) == (m.student is None), "model.teacher", m.teacher,
               "set both model.teacher and model.student, or neither (embedded tiny models)")

@@ -71,8 +71,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_one_line(case, files, tiny_models, capsys):
     argv, words = CASES[case]
-    code = main([*argv(files, tiny_models), f"model.cache_dir={files / 'cache'}", "eval.num_examples=8"]
-                if "--config" not in argv(files, tiny_models) else argv(files, tiny_models))
+    code = main(["--config", "configs/smoke.yaml", *argv(files, tiny_models), f"model.cache_dir={files / 'cache'}",
+                 "eval.num_examples=8"] if "--config" not in argv(files, tiny_models) else argv(files, tiny_models))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("rlkd: error: "), err
     assert all(w in err[0] for w in words), (err[0], words)

@@ -58,3 +58,24 @@ def test_quality_benchmark_smoke(capsys):
                       for m in ("teacher", "floor: constant answer"))
     assert teacher["scores"]["exact_match_mean"] > const["scores"]["exact_match_mean"] + 5
     assert Path(latest).with_suffix(".png").stat().st_size > 10_000
+
+
+def test_distill_benchmark_smoke(capsys):
+    """`bench/distill.py --smoke`: floors, SFT and OPD on the pruned student in the label-scarce regime, the
+    paired comparison with SFT, greedy answers and the curves' PNG."""
+    import glob
+    import json as _json
+
+    from distill import main as distill_main
+
+    assert distill_main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "| sft (1 seeds) | 512 labelled rows |" in out and "| opd (1 seeds) | all train prompts |" in out
+    assert "floor: constant answer" in out and "Smallest detectable difference" in out and "- **opd**:" in out
+    latest = max(glob.glob("/tmp/rlkd-distill-*/distill.json"), key=lambda p: Path(p).stat().st_mtime)
+    runs = _json.loads(Path(latest).read_text())["runs"]
+    assert {r["method"] for r in runs} == {"sft", "opd"}
+    for r in runs:
+        assert r["curve"] and len(r["scores"]["greedy"]["correct"]) == 16
+        assert 0 <= r["top1_agreement"] <= 100 and math.isfinite(r["gold_ce"])
+    assert Path(latest).with_suffix(".png").stat().st_size > 10_000

@@ -69,3 +69,14 @@ def test_validation_errors_name_field_value_and_allowed(overrides, needle):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="file not found"):
         load_config("/nonexistent/x.yaml")
+
+
+def test_the_default_job_is_configs_default_yaml():
+    """`python -m rlkd.main` with no --config runs rlkd/assets/default_job.yaml; configs/default.yaml is the same."""
+    from rlkd.config import load_config, to_dict
+    from rlkd.main import DEFAULT_JOB
+
+    assert DEFAULT_JOB.read_text() == (Path(__file__).resolve().parents[1] / "configs" / "default.yaml").read_text()
+    cfg = load_config(str(DEFAULT_JOB))
+    assert (cfg.algo.method, cfg.model.prune_layers, cfg.data.labelled_rows) == ("gkd", 2, 512)
+    assert to_dict(cfg)["algo"]["gkd"]["seq_kd"] is True

@@ -106,3 +106,39 @@ def test_a_model_without_llama_layers_is_one_line(tmp_path, tiny_models, capsys)
     assert main(["--model", str(tmp_path / "g"), "--out", str(tmp_path / "o"), "--calib-rows", "8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cuts Llama-style decoders" in err[0] and "GPT2LMHeadModel" in err[0]
+
+
+def test_a_config_can_name_a_pruned_student(tmp_path):
+    """model.prune_layers: the student is cut from the teacher at start, on labelled rows only, and cached."""
+    import json
+
+    from transformers import AutoConfig
+
+    from rlkd.config import load_config
+    from rlkd.prepare import prepare
+
+    cfg = load_config("configs/smoke.yaml", [f"model.cache_dir={tmp_path}", "model.prune_layers=1",
+                                             "data.labelled_rows=100"])
+    logs = []
+    prep = prepare(cfg, log=logs.append)
+    assert prep.student_dir.name.startswith("pruned-student-")
+    assert AutoConfig.from_pretrained(prep.student_dir).num_hidden_layers == 1
+    assert json.loads((prep.student_dir / "prune.json").read_text())["calibration_rows"] == 100
+    again = prepare(cfg, log=logs.append)
+    assert again.student_dir == prep.student_dir and any("reusing cached" in x and "pruned" in x for x in logs)
+
+
+def test_label_scarce_rows_go_only_to_methods_that_train_on_answers():
+    from types import SimpleNamespace
+
+    from rlkd.config import ConfigError, load_config
+    from rlkd.launch import _method_on_its_rows
+
+    for method, rows in (("sft", 512), ("fkl", 512), ("okd", 512), ("opd", 4000), ("seqkd", 4000), ("ammd", 4000)):
+        prep = SimpleNamespace(train=list(range(4000)))
+        _method_on_its_rows(load_config(None, [f"algo.method={method}", "data.labelled_rows=512"]), prep,
+                            lambda *a: None)
+        assert len(prep.train) == rows, method
+    prep = SimpleNamespace(train=list(range(100)))
+    with pytest.raises(ConfigError, match="data.labelled_rows=512 is invalid: at most the 100 train rows"):
+        _method_on_its_rows(load_config(None, ["data.labelled_rows=512"]), prep, lambda *a: None)

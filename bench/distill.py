@@ -1,0 +1,253 @@
+"""The distillation benchmark on a student that can learn: which methods add what the teacher knows.
+
+    python bench/distill.py [--smoke] [--seeds 3] [--budget 400] [--regimes scarce,full] [--methods sft,fkl,...]
+        -> bench/results/distill.md, distill.json, distill.png   (--smoke: /tmp, a few minutes)
+
+Teacher: the shipped skills teacher (4 layers, 73.6% greedy exact match). Student: the teacher cut to 2
+layers by rlkd.prune (`model.prune_layers=2`, 1.37M parameters), the same for every method. Two data regimes:
+- `scarce`: 512 labelled train rows (`data.labelled_rows=512`); methods that train on answers draw only from
+  them, methods that need only prompts from all 4000 train prompts. This is the regime users distil in;
+- `full`: every train row keeps its answer.
+Every method runs the same budget of student optimizer steps (AMMD's critic-only warm-up steps and MiniLLM's
+PPO epochs as in bench/quality.py), at the default learning rate 1e-3, for each training seed. GKD uses
+teacher samples for its off-policy half (`seq_kd`), so it is a prompt-only method. Scores:
+- test split, 512 prompts: greedy and sampled (T = 1) exact match, TOP-1 agreement with the teacher and the
+  gold cross-entropy (teacher-forced on the gold answers), mean ± std over training seeds;
+- every method against SFT at the same budget, paired on the same prompts: the mean difference in greedy
+  exact match with a 95% bootstrap interval over prompts (each prompt's correctness averaged over seeds);
+- learning curves: greedy exact match on 512 validation prompts against student steps and wall-clock seconds.
+Each finished run is saved at once; an interrupted benchmark resumes from them (same flags).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+REGIMES = {"scarce": 512, "full": 0}  # data.labelled_rows
+METHODS = ["sft", "fkl", "rkl", "tvd", "seqkd", "gkd", "opd", "ammd"]
+EXTRA = {"gkd": ["algo.gkd.seq_kd=true"], "distillm": ["algo.distillm.init_threshold=0.2"]}
+CURVE_POINTS = 5
+
+
+def overrides(method: str, regime: str, budget: int, seed: int, smoke: bool, work: Path) -> list[str]:
+    from quality import train_steps
+
+    warm = 2 if smoke else 5
+    small = ["eval.num_examples=16", "train.batch_size=8"] if smoke else []
+    return [f"algo.method={method}", "model.prune_layers=2", f"data.labelled_rows={REGIMES[regime]}",
+            f"train.steps={train_steps(method, budget, warm)}", f"algo.ammd.critic_warmup_steps={warm}",
+            f"train.seed={seed}", "eval.baselines=false", "train.checkpoint_every=0", "eval.num_seeds=1",
+            f"eval.every_steps={max(1, budget // CURVE_POINTS)}", f"run.output_dir={work}",
+            f"run.name={regime}-{method}-{seed}", *EXTRA.get(method, []), *small]
+
+
+def run_one(method: str, regime: str, budget: int, seed: int, smoke: bool, work: Path, prep) -> dict:
+    from rlkd.config import load_config
+    from rlkd.launch import run
+
+    cfg = load_config(None, overrides(method, regime, budget, seed, smoke, work))
+    t0 = time.time()
+    run_dir = run(cfg, log=lambda *a: None)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    after = json.loads((run_dir / "eval.json").read_text())["scores"]["student_after"]
+    curve = [(r["step"], r["train/wall_seconds"], r["eval/greedy_exact_match"]) for r in rows
+             if "eval/greedy_exact_match" in r]
+    return {"method": method, "regime": regime, "seed": seed, "scores": after, "curve": curve,
+            "train_seconds": rows[-1]["train/wall_seconds"], "run_seconds": time.time() - t0, **after["forced"]}
+
+
+def floors(prep, cfg) -> dict:
+    """Constant answer, the student before (test and validation, for the curves' step 0) and the teacher."""
+    from quality import constant_floor
+
+    from rlkd.eval import evaluate_dir
+    from rlkd.launch import with_forced
+
+    const, _ = constant_floor(prep.train, prep.test[:cfg.eval.num_examples])
+    out = {"constant answer": {"scores": const}}
+    for name, d in (("student before", prep.student_dir), ("teacher", prep.teacher_dir)):
+        scores = with_forced(cfg, prep, d, evaluate_dir(cfg, prep.tokenizer, d, prep.test))
+        out[name] = {"scores": scores, **scores["forced"]}
+    out["student before"]["val_greedy"] = evaluate_dir(cfg, prep.tokenizer, prep.student_dir,
+                                                       prep.val)["greedy"]["exact_match"]
+    return out
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def paired(a: list[list[int]], b: list[list[int]], draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean per-prompt difference of greedy correctness (each prompt averaged over its seeds), in points, with
+    a 95% bootstrap interval over prompts."""
+    n = len(a[0])
+    d = [100 * (statistics.mean(x[i] for x in a) - statistics.mean(x[i] for x in b)) for i in range(n)]
+    rng = random.Random(seed)
+    boots = sorted(statistics.mean(d[rng.randrange(n)] for _ in range(n)) for _ in range(draws))
+    return statistics.mean(d), boots[int(0.025 * draws)], boots[int(0.975 * draws) - 1]
+
+
+def table(regime: str, runs: list[dict], fl: dict, labelled: int) -> tuple[str, float]:
+    """The final table of one regime, and the largest fraction of the before -> teacher greedy gap closed."""
+    before, teacher = (fl[k]["scores"]["greedy"]["exact_match"] for k in ("student before", "teacher"))
+    by = {}
+    for r in runs:
+        by.setdefault(r["method"], []).append(r)
+    sft = by.get("sft")
+    lines = ["| model | data used | greedy EM | sampled EM | TOP-1 agree | gold CE | greedy − SFT [95% CI] | "
+             "separated from SFT | train s |", "|---|---|---|---|---|---|---|---|---|"]
+    c = fl["constant answer"]["scores"]
+    lines.append(f"| floor: constant answer | - | {c['exact_match_mean']:.1f} | - | - | - | | | |")
+    for k in ("student before", "teacher"):
+        f = fl[k]
+        lines.append(f"| {k} | - | {f['scores']['greedy']['exact_match']:.1f} | {f['scores']['exact_match_mean']:.1f} "
+                     f"| {f['top1_agreement']:.1f} | {f['gold_ce']:.2f} | | | |")
+    ranked = sorted(by.items(), key=lambda kv: -statistics.mean(r["scores"]["greedy"]["exact_match"] for r in kv[1]))
+    best, widths = 0.0, []
+    for m, rs in ranked:
+        g, s = (mean_std([r["scores"]["greedy"]["exact_match"] for r in rs]),
+                mean_std([r["scores"]["exact_match_mean"] for r in rs]))
+        top1, ce = mean_std([r["top1_agreement"] for r in rs]), mean_std([r["gold_ce"] for r in rs])
+        best = max(best, (g[0] - before) / (teacher - before))
+        diff, sep = "", ""
+        if sft and m != "sft":
+            d, lo, hi = paired([r["scores"]["greedy"]["correct"] for r in rs],
+                               [r["scores"]["greedy"]["correct"] for r in sft])
+            widths.append((hi - lo) / 2)
+            diff, sep = f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]", ("yes" if lo > 0 or hi < 0 else "no")
+        used = (f"{labelled} labelled rows" if labelled and m in GOLD_METHODS else
+                "all train prompts" if labelled else "all labelled rows")
+        lines.append(f"| {m} ({len(rs)} seeds) | {used} | {g[0]:.1f} ± {g[1]:.1f} | {s[0]:.1f} ± {s[1]:.1f} | "
+                     f"{top1[0]:.1f} ± {top1[1]:.1f} | {ce[0]:.2f} ± {ce[1]:.2f} | {diff} | {sep} | "
+                     f"{statistics.mean(r['train_seconds'] for r in rs):.0f} |")
+    sdd = (f"Smallest detectable difference against SFT (the widest half-interval above): {max(widths):.1f} points."
+           if widths else "")
+    return "\n".join(lines) + f"\n\n{sdd}\n", best
+
+
+GOLD_METHODS = {"sft", "fkl", "rkl", "tvd", "jsd", "okd", "imitkd", "distillm"}  # their schedules use gold rows
+
+
+def samples(runs: list[dict], fl: dict) -> str:
+    """Greedy answers of each model (seed 0) to the first three test prompts."""
+    prompts = [x.split(" -> ")[0] for x in fl["teacher"]["scores"]["samples"]]
+    out = ["prompts: " + " · ".join(f"`{p}`" for p in prompts)]
+    for name, f in (("teacher", fl["teacher"]), ("student before", fl["student before"])):
+        out.append(f"- **{name}**: " + " · ".join(f"`{a}`" for a in f["scores"]["greedy"]["answers"]))
+    for r in runs:
+        if r["seed"] == 0:
+            out.append(f"- **{r['method']}**: " + " · ".join(f"`{a}`" for a in r["scores"]["greedy"]["answers"]))
+    return "\n".join(out) + "\n"
+
+
+def plot(runs: list[dict], fl: dict, regimes: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(regimes), 2, figsize=(12, 4.2 * len(regimes)), squeeze=False)
+    start = fl["student before"]["val_greedy"]
+    for row, regime in zip(axes, regimes):
+        methods = sorted({r["method"] for r in runs if r["regime"] == regime})
+        for m in methods:
+            rs = [r for r in runs if r["regime"] == regime and r["method"] == m]
+            n = min(len(r["curve"]) for r in rs)
+            ys = [[start] + [r["curve"][i][2] for i in range(n)] for r in rs]
+            for ax, xs in ((row[0], [0] + [rs[0]["curve"][i][0] for i in range(n)]),
+                           (row[1], [0] + [statistics.mean(r["curve"][i][1] for r in rs) for i in range(n)])):
+                mean = [statistics.mean(y[i] for y in ys) for i in range(n + 1)]
+                line, = ax.plot(xs, mean, label=m, marker="o", ms=3)
+                ax.fill_between(xs, [min(y[i] for y in ys) for i in range(n + 1)],
+                                [max(y[i] for y in ys) for i in range(n + 1)], color=line.get_color(), alpha=0.15)
+        for ax, xlabel in zip(row, ("student optimizer steps", "training wall-clock seconds")):
+            ax.axhline(start, color="grey", ls=":", lw=1)
+            ax.set(xlabel=xlabel, ylabel="greedy exact match, % (validation)", title=f"regime: {regime}")
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8, ncol=2)
+    fig.suptitle("pruned 2-layer student distilled from the skills teacher: mean and min-max over training seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _args(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="sft and opd, 1 seed, 3 steps, 16 prompts, to /tmp (tests)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--budget", type=int, default=400, help="student optimizer steps per run")
+    ap.add_argument("--regimes", default="scarce,full")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill"))
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from quality import _resume, _save
+
+    from rlkd.cluster import connect_ray, shutdown_ray
+    from rlkd.config import load_config
+    from rlkd.prepare import prepare
+
+    a, t0, log = _args(argv), time.time(), print
+    methods = ["sft", "opd"] if a.smoke else a.methods.split(",")
+    seeds, budget = ([0], 3) if a.smoke else (list(range(a.seeds)), a.budget)
+    regimes = ["scarce"] if a.smoke else a.regimes.split(",")
+    out = Path(tempfile.mkdtemp(prefix="rlkd-distill-")) / "distill" if a.smoke else Path(a.out)
+    work = Path(tempfile.mkdtemp(prefix="rlkd-distill-runs-"))
+    cfg = load_config(None, overrides("sft", "scarce", budget, 0, a.smoke, work))
+    prep = prepare(cfg, log=lambda *x: None)  # the pruned student is built (and cached) once
+    flags = " --smoke" if a.smoke else (f" --regimes {','.join(regimes)} --methods {','.join(methods)} "
+                                        f"--seeds {a.seeds} --budget {budget}")
+    partial = Path(f"{out}.partial.json")
+    done = _resume(partial, flags, log)
+    t0 -= done.get("seconds", 0.0)
+    started = connect_ray(0, log=lambda *x: None)
+    try:
+        done["floors"] = done.get("floors") or floors(prep, cfg)
+        _save(partial, done, t0)
+        for regime in regimes:
+            for method in methods:
+                for seed in seeds:
+                    if any((r["method"], r["regime"], r["seed"]) == (method, regime, seed) for r in done["runs"]):
+                        continue
+                    r = run_one(method, regime, budget, seed, a.smoke, work, prep)
+                    done["runs"].append(r)
+                    _save(partial, done, t0)
+                    log(f"{regime} {method} seed {seed}: greedy {r['scores']['greedy']['exact_match']:.1f} "
+                        f"({r['run_seconds']:.0f}s)")
+    finally:
+        shutdown_ray(started)
+    write_report(done, regimes, methods, budget, flags, out, time.time() - t0)
+    partial.unlink(missing_ok=True)
+    return 0
+
+
+def write_report(done: dict, regimes, methods, budget: int, flags: str, out: Path, seconds: float) -> None:
+    fl, runs = done["floors"], [r for r in done["runs"] if r["method"] in methods]
+    text = [f"# Distillation benchmark\n\n`python bench/distill.py{flags}` ({seconds / 60:.0f} min on this machine): "
+            f"skills suite, pruned 2-layer student, {budget} student optimizer steps per run. Test split: "
+            f"{len(fl['teacher']['scores']['greedy']['correct'])} prompts; greedy exact match, one T = 1 sample "
+            "per prompt, TOP-1 agreement and gold cross-entropy; mean ± std over training seeds. Curves: "
+            f"[{out.name}.png]({out.name}.png).\n"]
+    for regime in regimes:
+        rs = [r for r in runs if r["regime"] == regime]
+        body, best = table(regime, rs, fl, REGIMES[regime])
+        text.append(f"## Regime: {regime}\n\n{body}\nThe best method closes {100 * best:.0f}% of the gap between the "
+                    f"student before and the teacher (greedy).\n\nGreedy answers to the first three test prompts:\n\n"
+                    f"{samples(rs, fl)}")
+    Path(f"{out}.md").write_text("\n".join(text))
+    Path(f"{out}.json").write_text(json.dumps({"budget": budget, "floors": fl, "runs": runs}, indent=1) + "\n")
+    plot(runs, fl, regimes, Path(f"{out}.png"))
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
