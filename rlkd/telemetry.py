@@ -27,7 +27,9 @@ class PrometheusMetrics:
     """Sets one Ray gauge per numeric metric; gauges are created on first sight."""
 
     def __init__(self, run_name: str):
-        self.run_name = run_name
+        # the tag goes into Ray's metrics export, which failed on a non-ASCII value (issue 24); run.name is
+        # ASCII by validation, but a Tune trial's or a resumed old run's name need not be
+        self.run_name = run_name.encode("ascii", "backslashreplace").decode()
         self.gauges: dict = {}
 
     def update(self, metrics: dict) -> None:

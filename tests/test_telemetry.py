@@ -97,3 +97,12 @@ def test_invariant_watch_warns_once_per_streak_and_names_the_fields():
     watch.update(9, bad), watch.update(10, bad), watch.update(11, bad)
     assert len(lines) == 4  # a new streak warns again
     assert watch.update(12, {"loss/sft": 1.0}) == {}  # methods without a critic: nothing to check
+
+
+def test_a_non_ascii_run_name_is_exported(ray_cluster):
+    """Ray's metrics export failed on a non-ASCII tag value after step 1 (issue 24): the tag is made ASCII."""
+    from rlkd.telemetry import PrometheusMetrics
+
+    metrics = PrometheusMetrics("模型-ü")
+    metrics.update({"step": 1.0, "loss/x": 0.5})
+    assert metrics.run_name.isascii() and metrics.run_name == "\\u6a21\\u578b-\\xfc"
