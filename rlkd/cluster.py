@@ -272,7 +272,18 @@ class ActorGroup:
     def _push_weights(self) -> None:
         if self.sender is not None:  # receivers and sender block in the same broadcasts: start them together
             receive = [a.receive_weights.remote(self.layout, self.version) for a in self.actors]
-            ray.get(self.sender() + receive)
+            sent = self.sender()
+            try:
+                ray.get(sent + receive)
+            except ray.exceptions.RayTaskError:
+                # a receiver that died broke the broadcast for every peer (gloo: 'Connection reset by peer' in
+                # the learner); report the death, which update_weights survives, not the sender's error
+                for ref in receive:
+                    try:
+                        ray.get(ref)
+                    except ray.exceptions.RayTaskError:
+                        continue
+                raise
             self.sync_bytes = self.layout.nbytes
             return
         ref = self.weights()

@@ -78,3 +78,14 @@ def test_a_learner_killed_during_an_update_ends_the_run_with_the_resume_command(
     message = str(stopped.value)
     assert stopped.value.exit_code == 1 and "\n" not in message
     assert "after step 3; checkpoint step_000002 will be used; continue with: python -m rlkd.main --resume" in message
+
+
+def test_a_rollout_killed_during_a_collective_sync_is_survived(ray_cluster, tmp_path, monkeypatch):
+    """The dead receiver breaks the gloo broadcast for the learner too: the group reports the death, waits for
+    the restart and moves the weights by object store for the rest of the run."""
+    fired = _kill_when(monkeypatch, {("sync", 2): "RolloutActor"})
+    run_dir = run(_cfg(tmp_path, "collective", "rollout.weight_sync=collective"))
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert fired and fired[0][3] >= 1
+    assert (run_dir / COMPLETED).exists() and [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[-1]["actors/restarts"] >= 1

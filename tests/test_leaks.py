@@ -75,3 +75,17 @@ def test_a_killed_driver_leaves_no_ray_process_or_session_directory(tmp_path):
                 p.kill()
             except psutil.Error:
                 pass
+
+
+def test_an_interrupted_build_is_removed_at_the_next_one(tmp_path):
+    """A build killed half way leaves .building-PID-*; the next build removes it once PID is gone, and leaves
+    a build still running in another process alone."""
+    from rlkd.models import build_cached
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".building-{dead.pid}-abc").mkdir()
+    (tmp_path / f".building-{os.getpid()}-def").mkdir()  # a live process's build
+    (tmp_path / ".building-old123").mkdir()  # the old naming, without a pid
+    build_cached(tmp_path / "model", lambda d: (d / "w").write_text("x"), log=lambda *a: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".building-{os.getpid()}-def", "model"]
