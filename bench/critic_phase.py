@@ -28,6 +28,7 @@ def worker_main(job: dict) -> dict:
 
     import torch
 
+    from actors.engines import EngineSpec
     from actors.teacher import TeacherActor
     from learners.worker import LearnerWorker, free_port
     from rlkd.batch import SequenceBatch
@@ -37,7 +38,7 @@ def worker_main(job: dict) -> dict:
     worker = LearnerWorker(0, 1)
     worker.setup("127.0.0.1", free_port(), job["student"], job["vocab"], 0, 1e-3, 1e-2, 0.0, 1.0,
                  critic_heads=("on",), critic_hidden=job["teacher_hidden"])
-    teacher = TeacherActor(job["teacher"], job["vocab"], job["pad"], job["eos"])
+    teacher = TeacherActor(EngineSpec(job["teacher"], job["pad"], job["eos"], vocab_size=job["vocab"]))
     batch = SequenceBatch.collate(job["prompts"], job["responses"], job["pad"])
     worker.load_batch({"on": batch}, {"on": teacher.score(batch, True)}, {"on": float(batch.num_tokens())})
     objective = partial(ammd_critic_objective, beta=0.0, l2=0.1)

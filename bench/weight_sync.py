@@ -39,6 +39,7 @@ def main() -> int:
     a = ap.parse_args()
     import ray
 
+    from actors.engines import EngineSpec
     from actors.rollout import RolloutActor
     from learners.group import LearnerGroup
     from rlkd.cluster import ActorGroup, connect_ray
@@ -53,9 +54,9 @@ def main() -> int:
         learners = LearnerGroup(1, 1.0, student_dir=str(student), vocab_size=len(tok), zero_stage=0, student_lr=1e-4,
                                 critic_lr=1e-4, weight_decay=0.0, grad_clip=1.0)
         for backend in ("hf", "vllm"):
-            actor = ray.remote(RolloutActor).options(num_cpus=1).remote(
-                str(student), backend, tok.pad_token_id, tok.eos_token_id, vllm_cpu_kv_cache_gib=0.1,
-                max_model_len=256)
+            spec = EngineSpec(str(Path(student).resolve()), tok.pad_token_id, tok.eos_token_id, cpu_kv_cache_gib=0.1,
+                              max_model_len=256)
+            actor = ray.remote(RolloutActor).options(num_cpus=1).remote(spec, backend)
             ray.get(actor.ready.remote())
             paths = {"object_store": ActorGroup([actor], weights=learners.student_weights_ref),
                      "collective": ActorGroup([actor], weights=learners.student_weights_ref)}

@@ -246,7 +246,7 @@ class LearnerWorker:
         out = {}
         for name, f in fwd.items():
             models = {"student": f.logp}
-            if f.teacher is not None and f.teacher.index is None:
+            if f.teacher is not None and f.teacher.index is None and f.teacher.logp is not None:  # full signal
                 models["teacher"] = f.teacher.logp
             for who, logp in models.items():
                 for k, v in collapse_stats(logp.detach(), f.mask, self._all_reduce).items():

@@ -44,6 +44,7 @@ class Method:
     rollout_temperature: float | None = None  # overrides rollout.temperature (GKD: 0.9)
     mix_alpha: float = 0.0  # MiniLLM teacher-mixed sampling
     validate_every: int = 0  # DistiLLM: steps between validation-CE checks (0: never)
+    signals: tuple[str, ...] = ("full", "topk")  # teacher signals it can use, the one 'auto' picks first
 
     @property
     def uses_rollouts(self) -> bool:
@@ -112,7 +113,8 @@ def _gkd(a, seed: int, **_) -> Method:
 def _opd(a, seed: int, **_) -> Method:
     x = a.opd  # samples at T = 1: the sampler's log-probs are then the student's own (docs/algorithms.md#opd)
     return Method("opd", "opd", Fixed({"on": ROLLOUT}),
-                  partial(obj.opd_objective, discount=x.discount, is_cap=x.is_cap), rollout_temperature=1.0)
+                  partial(obj.opd_objective, discount=x.discount, is_cap=x.is_cap), rollout_temperature=1.0,
+                  signals=("token", "topk", "full"))  # only the sampled token's log-prob is read
 
 
 def _seqkd(a, seed: int, **_) -> Method:
@@ -156,6 +158,24 @@ METHODS: dict[str, MethodSpec] = {
     "okd": MethodSpec("forward KL to a LoRA-adapted teacher trained online", "loss/student", _okd),
     "ammd": MethodSpec("adversarial moment matching of action values, on- and off-policy", None, _ammd),
 }
+
+
+def teacher_signal(teacher, method: Method, vocab_size: int) -> tuple[str, int]:
+    """(signal, k) the teacher actors ship for `method` (teacher.signal 'auto' resolved; k = 0 unless 'topk').
+    Raises ConfigError for a k the vocabulary cannot serve."""
+    from rlkd.checks import check
+    from rlkd.config import DEFAULT_LARGE_VOCAB_TOPK
+
+    signal = teacher.signal
+    if signal == "auto":
+        signal = method.signals[0]
+        if signal == "full" and (teacher.backend == "vllm" or teacher.topk_for(vocab_size)):
+            signal = "topk"  # vLLM serves top-k only; HF past 32,768 tokens ships the top 64
+    if signal != "topk":
+        return signal, 0
+    k = teacher.topk_for(vocab_size) or DEFAULT_LARGE_VOCAB_TOPK
+    check(k <= vocab_size, "teacher.topk", k, f"<= the vocabulary's {vocab_size} tokens (teacher.signal='topk')")
+    return signal, k
 
 
 def build_method(algo, seed: int = 0, total_steps: int = 1, steps_per_epoch: int = 1) -> Method:

@@ -103,7 +103,8 @@ class TeacherScores:
     Full: `logp` is (B, R, V) and `index` is None. Top-k: `logp` and `index` are (B, R, k) and
     `tail` (B, R) is log(1 - sum of the top-k probabilities), the mass of all other tokens.
     """
-    logp: torch.Tensor  # (B, R, V) or (B, R, k) float: log p*(a | s_j), teacher temperature applied
+    logp: torch.Tensor | None  # (B, R, V) or (B, R, k) float: log p*(a | s_j), teacher temperature applied;
+    # None under teacher.signal 'token' (only token_logp is shipped)
     index: torch.Tensor | None = None  # (B, R, k) token ids of the top-k entries (int32 in transit)
     tail: torch.Tensor | None = None  # (B, R) float: log of the mass outside the top-k
     token_logp: torch.Tensor | None = None  # (B, R) log p*(y_j | s_j) of the response tokens (exact
@@ -144,7 +145,9 @@ def _select(obj, rows):
 
 
 def _rows(obj) -> int:
-    return len(obj.logp) if isinstance(obj, TeacherScores) else len(obj)
+    if isinstance(obj, TeacherScores):  # signal 'token' ships no distribution, only token_logp
+        return len(obj.logp if obj.logp is not None else obj.token_logp)
+    return len(obj)
 
 
 def _shard(obj, n: int) -> list:

@@ -110,6 +110,16 @@ class TeacherConfig:
     """CPUs reserved by each teacher actor."""
     num_gpus: float = 0.0
     """GPUs reserved by each teacher actor (0 on CPU machines)."""
+    backend: str = "hf"
+    """Teacher engine: 'hf' (a transformers model in each actor; can ship hidden states, any temperature) or
+    'vllm' (vLLM's prompt log-probs: signal 'topk' or 'token', temperature 1, tensor parallel)."""
+    signal: str = "auto"
+    """What the teacher ships per response token: 'full' (the distribution), 'topk' (teacher.topk entries and
+    the tail mass), 'token' (only the response token's log-prob: what OPD reads, 4 bytes). 'auto': the first
+    the method can use and the backend serves (OPD: token; the KL family: full, or topk past 32,768 tokens)."""
+    tensor_parallel_size: int = 1
+    """Devices each teacher actor shards its model over (vLLM backend; each actor reserves this many of
+    teacher.num_gpus' kind)."""
 
     def topk_for(self, vocab_size: int) -> int:
         """The k actually used with a tokenizer of `vocab_size` (0: the full distribution)."""

@@ -123,6 +123,7 @@ def evaluate_examples(examples, model_dir: Path, teacher_dir: Path | None, args,
     """ROUGE-L and exact match over args.seeds (and teacher metrics) for parsed examples."""
     import ray
 
+    from actors.engines import EngineSpec
     from actors.rollout import RolloutActor
     from rlkd.cluster import connect_ray, shutdown_ray
 
@@ -137,9 +138,9 @@ def evaluate_examples(examples, model_dir: Path, teacher_dir: Path | None, args,
     prompts = [r.prompt_ids for r in rows]
     started = connect_ray(log=lambda *a: None)
     try:
-        gen = ray.remote(RolloutActor).options(num_cpus=1).remote(
-            str(model_dir), args.backend, tok.pad_token_id, tok.eos_token_id,
-            max_model_len=limit + args.max_new_tokens + 8, vocab_size=len(tok))
+        spec = EngineSpec(str(Path(model_dir).resolve()), tok.pad_token_id, tok.eos_token_id, vocab_size=len(tok),
+                          max_model_len=limit + args.max_new_tokens + 8)
+        gen = ray.remote(RolloutActor).options(num_cpus=1).remote(spec, args.backend)
         responses = [ray.get(gen.generate.remote(prompts, args.max_new_tokens, 1.0, 1.0, seed,
                                                  args.no_repeat_ngram_size))["responses"] for seed in args.seeds]
         scores, texts = score_responses(tok, rows, responses)

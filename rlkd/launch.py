@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlkd import checkpoint
-from rlkd.algorithms import Method, build_method
+from rlkd.algorithms import Method, build_method, teacher_signal
 from rlkd.cluster import (
     ActorGroup,
     check_reachable,
@@ -79,7 +79,7 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_ca
                 **({"name": f"rlkd:{name}:{role}:{i}"} if name else {}), **placement(pg, bundle)}
     # OKD and SFT need no teacher actor (OKD's teacher lives in the learners); SeqKD none once all is cached
     need_teacher = m.needs_teacher_scores or (m.uses_teacher_generations and not teacher_samples_cached)
-    teachers = _start_teachers(cfg, prep, options) if need_teacher else []
+    teachers = _start_teachers(cfg, prep, m, options) if need_teacher else []
     rollouts = _start_rollouts(cfg, prep, m, options) if m.uses_rollouts else []
     learners = _start_learners(cfg, prep, m, (pg, where.first("learner")) if pg else None)
     wait_placed([x.ready.remote() for x in teachers + rollouts], cfg.run.placement_timeout_s,
@@ -95,15 +95,30 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_ca
     return Groups(learners, rollout_group, ActorGroup(teachers, restarts), method)
 
 
-def _start_teachers(cfg: Config, prep: Prepared, options: Callable) -> list:
+def engine_spec(cfg: Config, prep: Prepared, model_dir: Path, seed: int, **kw):
+    """An engine's settings (actors.engines.EngineSpec); the model path absolute, since an actor may run on
+    another node, in another working directory."""
+    from actors.engines import EngineSpec
+
+    tok, r = prep.tokenizer, cfg.rollout
+    return EngineSpec(str(Path(model_dir).resolve()), tok.pad_token_id, tok.eos_token_id, vocab_size=prep.vocab_size,
+                      trust_remote_code=cfg.model.trust_remote_code, seed=seed,
+                      max_model_len=cfg.data.max_prompt_tokens + cfg.data.max_response_tokens + 8,
+                      memory_fraction=r.vllm_memory_fraction, cpu_kv_cache_gib=r.vllm_cpu_kv_cache_gib,
+                      enforce_eager=r.vllm_enforce_eager, **kw)
+
+
+def _start_teachers(cfg: Config, prep: Prepared, method: Method, options: Callable) -> list:
     import ray
 
     from actors.teacher import TeacherActor
 
-    tok, t, v = prep.tokenizer, cfg.teacher, prep.vocab_size
+    t = cfg.teacher
+    signal, k = teacher_signal(t, method, prep.vocab_size)
+    spec = engine_spec(cfg, prep, prep.teacher_dir, cfg.train.seed, bf16_on_gpu=True,
+                       tensor_parallel_size=t.tensor_parallel_size, max_logprobs=max(k, 1))
     return [ray.remote(TeacherActor).options(**options("teacher", i, t), max_task_retries=cfg.run.max_actor_restarts)
-            .remote(str(prep.teacher_dir), v, tok.pad_token_id, tok.eos_token_id, t.topk_for(v), t.temperature,
-                    cfg.model.trust_remote_code) for i in range(t.num_actors)]
+            .remote(spec, t.backend, topk=k, temperature=t.temperature, signal=signal) for i in range(t.num_actors)]
 
 
 def _start_rollouts(cfg: Config, prep: Prepared, method: Method, options: Callable) -> list:
@@ -111,13 +126,11 @@ def _start_rollouts(cfg: Config, prep: Prepared, method: Method, options: Callab
 
     from actors.rollout import RolloutActor
 
-    tok, r = prep.tokenizer, cfg.rollout
-    max_len = cfg.data.max_prompt_tokens + cfg.data.max_response_tokens + 8
-    mix_dir = str(prep.teacher_dir) if method.mix_alpha else None  # MiniLLM: both models in one sampling loop
+    r = cfg.rollout
+    mix_dir = str(Path(prep.teacher_dir).resolve()) if method.mix_alpha else None  # MiniLLM: both in one loop
     return [ray.remote(RolloutActor).options(**options("rollout", i, r)).remote(
-        str(prep.student_dir), r.backend, tok.pad_token_id, tok.eos_token_id, cfg.train.seed + i,
-        r.vllm_memory_fraction, r.vllm_cpu_kv_cache_gib, max_len, cfg.model.trust_remote_code, mix_dir,
-        vocab_size=prep.vocab_size, vllm_enforce_eager=r.vllm_enforce_eager) for i in range(r.num_actors)]
+        engine_spec(cfg, prep, prep.student_dir, cfg.train.seed + i), r.backend, mix_teacher_dir=mix_dir)
+        for i in range(r.num_actors)]
 
 
 def _start_learners(cfg: Config, prep: Prepared, m: Method, placement_of_rank0: tuple | None):
@@ -282,7 +295,8 @@ def _baselines(cfg: Config, prep: Prepared, groups: Groups) -> dict:
     if not cfg.eval.baselines:
         return {}
     tok = prep.tokenizer
-    teacher = (sampler_from_group(cfg, groups.teachers) if len(groups.teachers)
+    # the evaluation protocol blocks repeated n-grams, which vLLM cannot: a vLLM teacher is evaluated with HF
+    teacher = (sampler_from_group(cfg, groups.teachers) if len(groups.teachers) and cfg.teacher.backend == "hf"
                else sampler_from_dir(cfg, tok, prep.teacher_dir))
     return {"teacher": with_forced(cfg, prep, prep.teacher_dir, evaluate_model(cfg, tok, teacher, prep.test)),
             "student_before": with_forced(cfg, prep, prep.student_dir,

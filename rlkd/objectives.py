@@ -124,9 +124,11 @@ def opd_objective(fwd: dict[str, StudentForward], ctx: ObjectiveContext, discoun
     rewards = f.teacher.token_logp - f.rollout_logprobs
     advantages = rewards if discount == 0 else future_returns(rewards, f.mask, discount, include_current=True)
     loss = losses.truncated_importance_sampling(f.token_logp, f.rollout_logprobs, advantages, f.mask, is_cap, n)
-    s, t = losses.on_support(f.support_logp().detach(), f.teacher, gathered=True)
-    return loss, {"loss/opd": loss.detach(), "opd/reward": losses.token_mean(rewards, f.mask, n).detach(),
-                  "opd/reverse_kl": losses.reverse_kl(s, t, f.mask, n)}  # exact per-state KL(q ‖ p), reported
+    metrics = {"loss/opd": loss.detach(), "opd/reward": losses.token_mean(rewards, f.mask, n).detach()}
+    if f.teacher.logp is not None:  # the exact per-state KL(q ‖ p), reported, when more than the token is shipped
+        s, t = losses.on_support(f.support_logp().detach(), f.teacher, gathered=True)
+        metrics["opd/reverse_kl"] = losses.reverse_kl(s, t, f.mask, n)
+    return loss, metrics
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ def validate(cfg) -> None:
     positive(tr, "train", ["checkpoint_every"], allow_zero=True)
     check(cfg.algo.method in METHODS, "algo.method", cfg.algo.method, f"one of {sorted(METHODS)}")
     validate_algo(cfg)
+    validate_teacher(cfg)
     check(tr.batch_size % lr.num_ranks == 0, "train.batch_size", tr.batch_size,
            f"a multiple of learner.num_ranks={lr.num_ranks} (the global batch is split evenly)")
     positive(cfg.eval, "eval", ["num_examples", "no_repeat_ngram_size", "every_steps"], allow_zero=True)
@@ -74,3 +75,33 @@ def validate_algo(cfg) -> None:
     section = getattr(cfg.algo, cfg.algo.method, None)
     if section is not None:
         section.validate(cfg)
+
+
+def validate_teacher(cfg) -> None:
+    """The teacher's engine and signal against the method: a pairing that cannot work is refused here, before
+    Ray starts, naming the method, the field and what is allowed."""
+    from rlkd.algorithms import build_method
+
+    t, name = cfg.teacher, cfg.algo.method
+    one_of(t.backend, "teacher.backend", ["hf", "vllm"])
+    one_of(t.signal, "teacher.signal", ["auto", "full", "topk", "token"])
+    positive(t, "teacher", ["tensor_parallel_size"])
+    m = build_method(cfg.algo, cfg.train.seed, cfg.train.steps)
+    if not m.needs_teacher_scores:
+        return
+    check(t.signal == "auto" or t.signal in m.signals, "teacher.signal", t.signal,
+          f"one of {['auto', *m.signals]} for algo.method={name!r} (the signals its loss can read)")
+    if t.backend == "hf":
+        check(t.tensor_parallel_size == 1, "teacher.tensor_parallel_size", t.tensor_parallel_size,
+              "1 with teacher.backend='hf' (tensor parallelism is vLLM's: set teacher.backend='vllm')")
+        return
+    check(t.temperature == 1.0, "teacher.temperature", t.temperature, "1 with teacher.backend='vllm': vLLM's "
+          "prompt log-probs are raw, before temperature, and a tempered top-k cannot be rebuilt from them; use "
+          "teacher.backend='hf' for another temperature")
+    check(t.signal != "full", "teacher.signal", t.signal,
+          "'topk' or 'token' with teacher.backend='vllm' (it serves prompt log-probs, not whole distributions)")
+    check(not (m.critic_heads and m.critic_input == "teacher"), "teacher.backend", t.backend,
+          f"'hf' for algo.method={name!r} with algo.ammd.critic_input='teacher': the critic reads the teacher's "
+          "hidden states, which vLLM does not return (or set algo.ammd.critic_input='student')")
+    check(t.topk is None or t.topk > 0 or t.signal == "token", "teacher.topk", t.topk,
+          "null or >= 1 with teacher.backend='vllm' (0 asks for the full distribution)")

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import BACKENDS, needs_vllm
 
+from actors.engines import EngineSpec
 from actors.rollout import RolloutActor
 from actors.teacher import TeacherActor
 from rlkd.batch import SequenceBatch
@@ -19,8 +20,8 @@ MAX_NEW = 8
 def rollouts(ray_cluster, tiny_models, tiny_data):
     tok, _ = tiny_data
     cls = ray_cluster.remote(RolloutActor).options(num_cpus=1)
-    actors = {b: cls.remote(str(tiny_models[1]), b, tok.pad_token_id, tok.eos_token_id, seed=0,
-                            vllm_cpu_kv_cache_gib=0.1, max_model_len=128)
+    spec = EngineSpec(str(tiny_models[1]), tok.pad_token_id, tok.eos_token_id, cpu_kv_cache_gib=0.1, max_model_len=128)
+    actors = {b: cls.remote(spec, b)
               for b in ("hf", "vllm") if b == "hf" or importlib.util.find_spec("vllm")}
     ray_cluster.get([a.ready.remote() for a in actors.values()])
     return actors
@@ -56,8 +57,8 @@ def test_teacher_topk_equals_full_on_topk(ray_cluster, tiny_models, tiny_data):
     batch = SequenceBatch.collate([d.prompt_ids for d in data[:4]], [d.response_ids for d in data[:4]],
                                   tok.pad_token_id)
     cls = ray_cluster.remote(TeacherActor).options(num_cpus=1)
-    full_actor = cls.remote(str(tiny_models[0]), len(tok), tok.pad_token_id, tok.eos_token_id, topk=0)
-    topk_actor = cls.remote(str(tiny_models[0]), len(tok), tok.pad_token_id, tok.eos_token_id, topk=7)
+    spec = EngineSpec(str(tiny_models[0]), tok.pad_token_id, tok.eos_token_id, vocab_size=len(tok))
+    full_actor, topk_actor = cls.remote(spec, "hf", topk=0), cls.remote(spec, "hf", topk=7)
     full, top = ray_cluster.get([full_actor.score.remote(batch), topk_actor.score.remote(batch)])
     assert full.index is None and full.logp.shape == (4, batch.responses.shape[1], len(tok))
     assert top.logp.shape[-1] == 7
@@ -112,7 +113,7 @@ def test_teacher_mixed_sampling_logprobs(ray_cluster, tiny_models, tiny_data):
     tok, data = tiny_data
     alpha = 0.2
     actor = ray_cluster.remote(RolloutActor).options(num_cpus=1).remote(
-        str(tiny_models[1]), "hf", tok.pad_token_id, tok.eos_token_id, mix_teacher_dir=str(tiny_models[0]))
+        EngineSpec(str(tiny_models[1]), tok.pad_token_id, tok.eos_token_id), "hf", mix_teacher_dir=str(tiny_models[0]))
     prompts = [d.prompt_ids for d in data[:6]]
     out = ray_cluster.get(actor.generate_mixed.remote(prompts, MAX_NEW, alpha, len(tok), 1.0, 4))
     batch = SequenceBatch.collate(prompts, out["responses"], tok.pad_token_id, out["logprobs"],
@@ -126,9 +127,10 @@ def test_teacher_mixed_sampling_logprobs(ray_cluster, tiny_models, tiny_data):
     if importlib.util.find_spec("vllm") is None:  # the vLLM half below needs vLLM to build its engine
         return
     with pytest.raises(Exception, match="needs rollout.backend='hf'"):
+        spec = EngineSpec(str(tiny_models[1]), tok.pad_token_id, tok.eos_token_id, cpu_kv_cache_gib=0.1,
+                          max_model_len=128)
         ray_cluster.get(ray_cluster.remote(RolloutActor).options(num_cpus=1).remote(
-            str(tiny_models[1]), "vllm", tok.pad_token_id, tok.eos_token_id, vllm_cpu_kv_cache_gib=0.1,
-            max_model_len=128, mix_teacher_dir=str(tiny_models[0])).ready.remote())
+            spec, "vllm", mix_teacher_dir=str(tiny_models[0])).ready.remote())
 
 
 @needs_vllm
@@ -149,7 +151,7 @@ def test_vllm_prefix_cache_is_reset_on_weight_load(ray_cluster, tiny_models, tin
     ids = [i for d in data[:20] for i in d.prompt_ids]
     prompts = [ids[:200], ids[50:250]]
     actor = ray_cluster.remote(RolloutActor).options(num_cpus=1).remote(
-        str(dirs[0]), "vllm", tok.pad_token_id, tok.eos_token_id, vllm_cpu_kv_cache_gib=0.1, max_model_len=512)
+        EngineSpec(str(dirs[0]), tok.pad_token_id, tok.eos_token_id, cpu_kv_cache_gib=0.1, max_model_len=512), "vllm")
     try:
         ray_cluster.get(actor.generate.remote(prompts, MAX_NEW, 1.0, 1.0, 5))  # caches the prompts' first block
         state = {k: v.contiguous() for k, v in load_model(dirs[1]).state_dict().items()}

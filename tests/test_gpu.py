@@ -67,6 +67,7 @@ class InProcessLearners:
 
 
 def _two_steps(method: str, topk: int, tiny_models, tiny_data):
+    from actors.engines import EngineSpec
     from actors.rollout import RolloutActor
     from actors.teacher import TeacherActor
     from learners.worker import LearnerWorker, free_port
@@ -85,8 +86,9 @@ def _two_steps(method: str, topk: int, tiny_models, tiny_data):
                  critic_heads=m.critic_heads, critic_hidden=64 if m.critic_heads else None,
                  adapted_teacher=okd if m.adapted_teacher else None)
     assert worker.student.device.type == ("cuda" if cuda else "cpu")
-    rollout = RolloutActor(str(student_dir), "hf", tok.pad_token_id, tok.eos_token_id, vocab_size=v)
-    teacher = TeacherActor(str(teacher_dir), v, tok.pad_token_id, tok.eos_token_id, topk=topk)
+    rollout = RolloutActor(EngineSpec(str(student_dir), tok.pad_token_id, tok.eos_token_id, vocab_size=v), "hf")
+    teacher = TeacherActor(EngineSpec(str(teacher_dir), tok.pad_token_id, tok.eos_token_id, vocab_size=v,
+                                      bf16_on_gpu=True), "hf", topk=topk)
     learners = InProcessLearners(worker)
     settings = StepSettings(batch_size=4, max_new_tokens=6, temperature=1.0, top_p=1.0, sync_every=1,
                             sync_check_tol=0.1 if cuda else 1e-3, pad_id=tok.pad_token_id, seed=0, vocab_size=v)

@@ -46,11 +46,13 @@ def _worker(student_dir, v, micro, critic_heads=(), zero=0, checkpointing=False)
 
 
 def _batch(tok, rows, teacher_dir, v, topk):
+    from actors.engines import EngineSpec
     from actors.teacher import TeacherActor
     from rlkd.batch import SequenceBatch
 
     batch = SequenceBatch.collate([r.prompt_ids for r in rows], [r.response_ids for r in rows], tok.pad_token_id)
-    scores = TeacherActor(str(teacher_dir), v, tok.pad_token_id, tok.eos_token_id, topk=topk).score(batch)
+    spec = EngineSpec(str(teacher_dir), tok.pad_token_id, tok.eos_token_id, vocab_size=v)
+    scores = TeacherActor(spec, "hf", topk=topk).score(batch)
     return batch, scores
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from actors.teacher import scores_from_logits, topk_with_tail
+from actors.engines import scores_from_logits, topk_with_tail
 from rlkd.batch import SequenceBatch, TeacherScores
 from rlkd.forward import response_forward
 
