@@ -136,6 +136,8 @@ class VLLMEngine:
         from transformers import AutoConfig
 
         gpu = torch.cuda.is_available()
+        if not gpu and spec.tensor_parallel_size > 1:  # vLLM's CPU workers bind one NUMA node each unless told not to
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         memory = {"gpu_memory_utilization": spec.memory_fraction} if gpu else {
             "kv_cache_memory_bytes": int(spec.cpu_kv_cache_gib * 2**30)}
         rows = AutoConfig.from_pretrained(spec.model_dir, trust_remote_code=spec.trust_remote_code).vocab_size

@@ -119,3 +119,19 @@ def test_a_vllm_teacher_runs_the_pipeline(ray_cluster, tmp_path, method):
     per_position = 4 if method == "opd" else 64 * (4 + 4) + 4 + 4  # fp32 log-probs, int32 ids, tail, token
     shipped = rows[-1]["scores/bytes"]  # (8 rows x the batch's response width) positions
     assert shipped % (8 * per_position) == 0 and 1 <= shipped // (8 * per_position) <= 16, shipped
+
+
+@needs_vllm
+def test_a_tensor_parallel_vllm_teacher_matches_the_hf_teacher():
+    """TP = 2 on CPU (two vLLM worker processes, each with half of every layer): the same numbers as one
+    HF model (measured: top-8 ids equal, log-probs within 4.2e-5)."""
+    from actors.engines import VLLMEngine
+
+    tok, batch = _skills_batch()
+    spec = EngineSpec(str(SHIPPED_TEACHER), tok.pad_token_id, tok.eos_token_id, vocab_size=len(tok), max_logprobs=K,
+                      cpu_kv_cache_gib=0.1, max_model_len=88, tensor_parallel_size=2)
+    vl = VLLMEngine(spec)
+    assert vl.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size == 2
+    topk = compare(HFEngine(spec).score(batch, "topk", K, 1.0), vl.score(batch, "topk", K, 1.0), batch, K)
+    print("parity, TP=2:", json.dumps(topk))
+    assert topk["ids_equal"] == 1.0 and topk["topk_logp"] < TOL and topk["token_logp"] < TOL
