@@ -117,6 +117,12 @@ class TeacherConfig:
     """What the teacher ships per response token: 'full' (the distribution), 'topk' (teacher.topk entries and
     the tail mass), 'token' (only the response token's log-prob: what OPD reads, 4 bytes). 'auto': the first
     the method can use and the backend serves (OPD: token; the KL family: full, or topk past 32,768 tokens)."""
+    probe: bool = True
+    """Run the start-up probe below (off only for deliberately untrained teachers, e.g. shape tests)."""
+    probe_tol: float = 0.05
+    """Before step 1 every teacher replica scores the same gold rows (rlkd.teacher_probe): the run stops if their
+    token log-probs differ by more than this (fp32 engines agree to ~1e-4, bf16 GPUs to ~1e-2), or if the
+    teacher's gold cross-entropy is within 5% of log V (a uniform, i.e. unloaded, teacher)."""
     tensor_parallel_size: int = 1
     """Devices each teacher actor shards its model over (vLLM backend; each actor reserves this many of
     teacher.num_gpus' kind)."""

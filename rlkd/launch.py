@@ -6,6 +6,7 @@ save the student -> evaluate -> write the completion marker last.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from rlkd.outputs import (
 )
 from rlkd.prepare import Prepared, prepare
 from rlkd.teacher_cache import TeacherGenerations
+from rlkd.teacher_probe import probe
 
 
 @dataclass
@@ -260,6 +262,10 @@ def _train(cfg: Config, prep: Prepared, method, run_dir: Path, ckpt: Path | None
     try:
         cache = TeacherGenerations(cfg, prep)
         groups = start_groups(cfg, prep, method, cache.covers(prep.train), log, name=run_dir.name)
+        if len(groups.teachers) and cfg.teacher.probe:  # a garbage or mis-loaded replica is caught before step 1
+            p = probe(groups.teachers, prep.val, prep.tokenizer.pad_token_id, prep.vocab_size, cfg.teacher.probe_tol)
+            log(f"teacher: probe of {len(groups.teachers)} replica(s): gold CE {p['teacher/probe_gold_ce']:.3f} nats "
+                f"(log V = {math.log(prep.vocab_size):.2f}), replicas within {p['teacher/probe_replica_gap']:.2g}")
         state = checkpoint.load_state(ckpt) if ckpt else None
         scores = state["scores"] if state else _baselines(cfg, prep, groups)
         ctl = controller(cfg, prep, groups, cache.responses)

@@ -85,7 +85,7 @@ def validate_teacher(cfg) -> None:
     t, name = cfg.teacher, cfg.algo.method
     one_of(t.backend, "teacher.backend", ["hf", "vllm"])
     one_of(t.signal, "teacher.signal", ["auto", "full", "topk", "token"])
-    positive(t, "teacher", ["tensor_parallel_size"])
+    positive(t, "teacher", ["tensor_parallel_size", "probe_tol"])
     m = build_method(cfg.algo, cfg.train.seed, cfg.train.steps)
     if not m.needs_teacher_scores:
         return

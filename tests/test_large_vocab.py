@@ -50,7 +50,8 @@ def test_three_steps_at_a_real_vocabulary(ray_cluster, large_models, tmp_path, m
         f"model.student={large_models['student']}", "data.builtin=dolly", "data.max_rows=64",
         "data.max_prompt_tokens=48", "data.max_response_tokens=8", "train.steps=3", "train.batch_size=4",
         "algo.ammd.critic_warmup_steps=1", "algo.gkd.lmbda=1.0", "rollout.backend=hf", "eval.num_examples=0",
-        "eval.baselines=false", "train.checkpoint_every=0", f"run.output_dir={tmp_path}"])
+        "eval.baselines=false", "train.checkpoint_every=0", f"run.output_dir={tmp_path}",
+        "teacher.probe=false"])  # a random-init teacher: the start-up probe would refuse it as uniform
     assert cfg.teacher.topk_for(VOCAB) == 64  # null -> top 64 at this vocabulary
     run_dir = run(cfg)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

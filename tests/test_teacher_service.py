@@ -135,3 +135,27 @@ def test_a_tensor_parallel_vllm_teacher_matches_the_hf_teacher():
     topk = compare(HFEngine(spec).score(batch, "topk", K, 1.0), vl.score(batch, "topk", K, 1.0), batch, K)
     print("parity, TP=2:", json.dumps(topk))
     assert topk["ids_equal"] == 1.0 and topk["topk_logp"] < TOL and topk["token_logp"] < TOL
+
+
+def test_the_probe_refuses_a_uniform_teacher_and_disagreeing_replicas():
+    from rlkd.teacher_probe import check_scores
+
+    mask = torch.ones(2, 5)
+    good = torch.full((2, 5), -1.0)
+    assert check_scores([good, good.clone()], mask, 1000, 0.05)["teacher/probe_replica_gap"] == 0.0
+    with pytest.raises(ConfigError, match="differ by up to 0.2 > teacher.probe_tol=0.05"):
+        check_scores([good, good - 0.2], mask, 1000, 0.05)
+    with pytest.raises(ConfigError, match=r"teacher replica 1 .* within 5% of log V = 6.91"):
+        check_scores([good, torch.full((2, 5), -6.9)], mask, 1000, 0.05)
+
+
+def test_a_run_with_an_untrained_teacher_stops_before_step_1(tiny_models, tmp_path, capsys):
+    """tiny_models' teacher is random-init: near-uniform over its 512 tokens. One line, exit 2, no step."""
+    from rlkd.main import main
+
+    code = main(["--config", "configs/smoke.yaml", f"model.teacher={tiny_models[0]}",
+                 f"model.student={tiny_models[1]}", "algo.method=gkd", f"run.output_dir={tmp_path}", "run.name=u",
+                 f"model.cache_dir={tmp_path / 'cache'}", "eval.baselines=false"])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("rlkd:")]
+    assert code == 2 and len(err) == 1 and "teacher replica 0 scores the probe's gold tokens" in err[0], err
+    assert not (tmp_path / "u" / "metrics.jsonl").exists()
