@@ -18,10 +18,12 @@ from rlkd.batch import SequenceBatch
 
 class LearnerGroup:
     def __init__(self, num_ranks: int, num_cpus: float = 1.0, num_gpus: float = 0.0, placement: tuple | None = None,
-                 placement_timeout: float | None = None, **setup_kwargs):
+                 placement_timeout: float | None = None, resources: dict | None = None, name: str = "",
+                 **setup_kwargs):
         """placement: (an existing placement group, the bundle index of rank 0), e.g. a Tune trial's.
-        placement_timeout: seconds to wait for the ranks' resources (None: forever)."""
-        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        placement_timeout: seconds to wait for the ranks' resources (None: forever). resources: custom Ray
+        resources of each rank's bundle (e.g. a node label). name: ranks are named rlkd:<name>:learner:<i>."""
+        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {}), **(resources or {})}
         self.own_pg = placement is None
         self.pg, first = (placement_group([bundle] * num_ranks, strategy="PACK"), 0) if self.own_pg else placement
         if placement_timeout is None:
@@ -34,8 +36,8 @@ class LearnerGroup:
             cls.options(num_cpus=num_cpus, num_gpus=num_gpus,
                         scheduling_strategy=PlacementGroupSchedulingStrategy(
                             self.pg, placement_group_bundle_index=first + i),
-                        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(num_cpus)))}}
-                        ).remote(i, num_ranks)
+                        runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(num_cpus)))}},
+                        **({"name": f"rlkd:{name}:learner:{i}"} if name else {})).remote(i, num_ranks)
             for i in range(num_ranks)]
         self.num_params = self._setup(setup_kwargs)
 

@@ -136,8 +136,9 @@ class Layout:
         return next(i for i, (r, _) in enumerate(self.roles) if r == role)
 
 
-def resources(cpus: float, gpus: float) -> dict:
-    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+def resources(cpus: float, gpus: float, custom: dict | None = None) -> dict:
+    """One actor's bundle: CPUs, GPUs and custom resources (e.g. a node label: `<section>.resources`)."""
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **(custom or {})}
 
 
 def placement(pg, index: int) -> dict:
@@ -152,11 +153,11 @@ def placement(pg, index: int) -> dict:
 def layout(cfg, method) -> Layout:
     """The bundles one run of `method` (an rlkd.algorithms.Method) reserves: Tune trials reserve them,
     rlkd.launch.start_groups fills them."""
-    return Layout.of(learners=(cfg.learner.num_ranks, resources(cfg.learner.num_cpus, cfg.learner.num_gpus)),
-                     teachers=(cfg.teacher.num_actors if _may_need_teacher(method) else 0,
-                               resources(cfg.teacher.num_cpus, cfg.teacher.num_gpus)),
-                     rollouts=(cfg.rollout.num_actors if method.uses_rollouts else 0,
-                               resources(cfg.rollout.num_cpus, cfg.rollout.num_gpus)))
+    lc, t, r = cfg.learner, cfg.teacher, cfg.rollout
+    return Layout.of(learners=(lc.num_ranks, resources(lc.num_cpus, lc.num_gpus, lc.resources)),
+                     teachers=(t.num_actors if _may_need_teacher(method) else 0,
+                               resources(t.num_cpus, t.num_gpus, t.resources)),
+                     rollouts=(r.num_actors if method.uses_rollouts else 0, resources(r.num_cpus, r.num_gpus, r.resources)))
 
 
 def _may_need_teacher(method) -> bool:

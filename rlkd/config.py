@@ -91,6 +91,9 @@ class RolloutConfig:
     """CPUs reserved by each rollout actor."""
     num_gpus: float = 0.0
     """GPUs reserved by each rollout actor (0 on CPU machines)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each rollout actor requires, e.g. {node_rollout: 1} to run it on the node started with
+    `ray start --resources='{"node_rollout": 4}'` (placement across nodes; empty: anywhere)."""
 
 
 LARGE_VOCAB, DEFAULT_LARGE_VOCAB_TOPK = 32_768, 64  # teacher.topk: null
@@ -110,6 +113,9 @@ class TeacherConfig:
     """CPUs reserved by each teacher actor."""
     num_gpus: float = 0.0
     """GPUs reserved by each teacher actor (0 on CPU machines)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each teacher actor requires, e.g. {node_teacher: 1} to run it on the node started with
+    `ray start --resources='{"node_teacher": 4}'` (placement across nodes; empty: anywhere)."""
     backend: str = "hf"
     """Teacher engine: 'hf' (a transformers model in each actor; can ship hidden states, any temperature) or
     'vllm' (vLLM's prompt log-probs: signal 'topk' or 'token', temperature 1, tensor parallel)."""
@@ -156,6 +162,9 @@ class LearnerConfig:
     """CPUs reserved by each learner rank."""
     num_gpus: float = 0.0
     """GPUs reserved by each learner rank (1 on GPU clusters: one rank per GPU)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each learner rank requires, e.g. {node_learner: 1} to run it on the node started with
+    `ray start --resources='{"node_learner": 4}'` (placement across nodes; empty: anywhere)."""
     micro_batch_size: int | None = None
     """Rows of each named batch per forward/backward on a rank; null: the whole shard at once. Gradients
     accumulate over a shard's micro-batches into one optimizer step, so the global batch and the step
@@ -265,6 +274,12 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return None
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
         return _coerce(name, value, inner)
+    if origin is dict:  # custom Ray resources: {name: amount}
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
+                                                  and not isinstance(v, bool) and 0 <= v < float("inf")
+                                                  for k, v in value.items()):
+            raise bad(name, value, "a mapping of resource names to amounts >= 0, e.g. {node_a: 1}")
+        return {k: float(v) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad(name, value, f"expected a mapping of {tp.__name__} fields")

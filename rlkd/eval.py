@@ -211,9 +211,9 @@ def sampler_from_dir(cfg: Config, tok, model_dir: Path) -> Callable:
 
     from actors.hf_generate import generate_from_dir
 
-    task = ray.remote(num_cpus=1)(generate_from_dir)
+    task, path = ray.remote(num_cpus=1)(generate_from_dir), str(Path(model_dir).resolve())  # the task may run elsewhere
     return lambda prompts, seed, temperature=1.0: ray.get(task.remote(
-        str(model_dir), prompts, tok.pad_token_id, tok.eos_token_id, cfg.data.max_response_tokens, seed,
+        path, prompts, tok.pad_token_id, tok.eos_token_id, cfg.data.max_response_tokens, seed,
         cfg.eval.no_repeat_ngram_size, cfg.model.trust_remote_code, len(tok), temperature))
 
 

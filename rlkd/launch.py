@@ -77,13 +77,14 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_ca
     def options(role: str, i: int, section) -> dict:
         bundle = where.first(role) + i if pg is not None else 0
         return {"num_cpus": section.num_cpus, "num_gpus": section.num_gpus, "max_restarts": cfg.run.max_actor_restarts,
+                **({"resources": section.resources} if section.resources and pg is None else {}),
                 "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(section.num_cpus)))}},
                 **({"name": f"rlkd:{name}:{role}:{i}"} if name else {}), **placement(pg, bundle)}
     # OKD and SFT need no teacher actor (OKD's teacher lives in the learners); SeqKD none once all is cached
     need_teacher = m.needs_teacher_scores or (m.uses_teacher_generations and not teacher_samples_cached)
     teachers = _start_teachers(cfg, prep, m, options) if need_teacher else []
     rollouts = _start_rollouts(cfg, prep, m, options) if m.uses_rollouts else []
-    learners = _start_learners(cfg, prep, m, (pg, where.first("learner")) if pg else None)
+    learners = _start_learners(cfg, prep, m, (pg, where.first("learner")) if pg else None, name)
     wait_placed([x.ready.remote() for x in teachers + rollouts], cfg.run.placement_timeout_s,
                 f"{len(teachers)} teacher and {len(rollouts)} rollout actor(s) ({where.bundles[2:]})")
     lc = cfg.learner
@@ -135,24 +136,25 @@ def _start_rollouts(cfg: Config, prep: Prepared, method: Method, options: Callab
         for i in range(r.num_actors)]
 
 
-def _start_learners(cfg: Config, prep: Prepared, m: Method, placement_of_rank0: tuple | None):
+def _start_learners(cfg: Config, prep: Prepared, m: Method, placement_of_rank0: tuple | None, name: str = ""):
     lc, adapted = cfg.learner, None
     if m.adapted_teacher is not None:  # OKD: the teacher + LoRA trains in the learner group
         o = m.adapted_teacher
-        adapted = dict(teacher_dir=str(prep.teacher_dir), rank=o.lora_rank, scale=o.lora_scale,
+        adapted = dict(teacher_dir=str(Path(prep.teacher_dir).resolve()), rank=o.lora_rank, scale=o.lora_scale,
                        targets=o.lora_targets, lr=o.teacher_lr)
     try:
-        return _learner_group(cfg, prep, m, placement_of_rank0, adapted)
+        return _learner_group(cfg, prep, m, placement_of_rank0, adapted, name)
     except TimeoutError:
         what = f"{lc.num_ranks} learner rank(s) of {resources(lc.num_cpus, lc.num_gpus)}"
         raise ConfigError(unplaced(what, cfg.run.placement_timeout_s)) from None
 
 
-def _learner_group(cfg: Config, prep: Prepared, m: Method, placement_of_rank0, adapted):
+def _learner_group(cfg: Config, prep: Prepared, m: Method, placement_of_rank0, adapted, name: str = ""):
     from learners.group import LearnerGroup
 
     lc = cfg.learner
-    return LearnerGroup(lc.num_ranks, lc.num_cpus, lc.num_gpus, student_dir=str(prep.student_dir),
+    return LearnerGroup(lc.num_ranks, lc.num_cpus, lc.num_gpus, resources=lc.resources, name=name,
+                        student_dir=str(Path(prep.student_dir).resolve()),
                         vocab_size=prep.vocab_size, zero_stage=lc.zero_stage, student_lr=lc.student_lr,
                         critic_lr=lc.critic_lr_value, weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
                         critic_heads=m.critic_heads, critic_network=m.critic_network, critic_bound=m.critic_bound,
@@ -319,6 +321,6 @@ def with_forced(cfg: Config, prep: Prepared, model_dir: Path, scores: dict | Non
         return None
     rows, tok = prep.test[:cfg.eval.num_examples], prep.tokenizer
     scores["forced"] = ray.get(ray.remote(num_cpus=1)(gold_agreement).remote(
-        str(prep.teacher_dir), str(model_dir), prep.vocab_size, tok.pad_token_id, tok.eos_token_id,
+        str(Path(prep.teacher_dir).resolve()), str(Path(model_dir).resolve()), prep.vocab_size, tok.pad_token_id, tok.eos_token_id,
         [r.prompt_ids for r in rows], [r.response_ids for r in rows]))
     return scores
