@@ -103,5 +103,8 @@ def validate_teacher(cfg) -> None:
     check(not (m.critic_heads and m.critic_input == "teacher"), "teacher.backend", t.backend,
           f"'hf' for algo.method={name!r} with algo.ammd.critic_input='teacher': the critic reads the teacher's "
           "hidden states, which vLLM does not return (or set algo.ammd.critic_input='student')")
+    check(t.num_gpus == 0 or t.num_gpus == t.tensor_parallel_size, "teacher.num_gpus", t.num_gpus,
+          f"0 (CPU) or teacher.tensor_parallel_size={t.tensor_parallel_size}: each replica's bundle holds the devices "
+          "its shards run on")
     check(t.topk is None or t.topk > 0 or t.signal == "token", "teacher.topk", t.topk,
           "null or >= 1 with teacher.backend='vllm' (0 asks for the full distribution)")

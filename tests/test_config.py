@@ -80,3 +80,12 @@ def test_the_default_job_is_configs_default_yaml():
     cfg = load_config(str(DEFAULT_JOB))
     assert (cfg.algo.method, cfg.model.prune_layers, cfg.data.labelled_rows) == ("gkd", 2, 512)
     assert to_dict(cfg)["algo"]["gkd"]["seq_kd"] is True
+
+
+def test_the_two_gpu_teacher_recipe_fills_one_8_gpu_node():
+    cfg = load_config("configs/recipes/opd_qwen2.5-1.5b_from_32b_tp2.yaml")
+    t, r, lc = cfg.teacher, cfg.rollout, cfg.learner
+    assert (t.backend, t.tensor_parallel_size, t.num_gpus) == ("vllm", 2, 2)
+    assert t.num_actors * t.num_gpus + r.num_actors * r.num_gpus + lc.num_ranks * lc.num_gpus == 8
+    with pytest.raises(ConfigError, match="teacher.num_gpus=1.0 is invalid: 0 .CPU. or teacher.tensor_parallel_size=2"):
+        load_config("configs/recipes/opd_qwen2.5-1.5b_from_32b_tp2.yaml", ["teacher.num_gpus=1"])
