@@ -79,3 +79,12 @@ def test_distill_benchmark_smoke(capsys):
         assert r["curve"] and len(r["scores"]["greedy"]["correct"]) == 16
         assert 0 <= r["top1_agreement"] <= 100 and math.isfinite(r["gold_ce"])
     assert Path(latest).with_suffix(".png").stat().st_size > 10_000
+
+
+def test_teacher_service_bench_scores_and_counts_bytes():
+    """bench/teacher_service.py's scoring case, in this process on the skills teacher (HF engine)."""
+    from teacher_service import score_case
+
+    full, token = score_case("tiny", "hf", 1, "full", 1), score_case("tiny", "hf", 1, "token", 1)
+    assert full["bytes_per_position"] == 4 * 1265 + 4 and token["bytes_per_position"] == 4
+    assert full["tokens_per_s"] > 0 and token["tokens_per_s"] > 0
