@@ -1,7 +1,9 @@
 """Two runs on one machine, started 5 s apart: each keeps its own private Ray cluster, so neither joins,
-starves or shuts down the other, and both complete with their own results."""
+starves or shuts down the other, and both complete with their own results, and remove their Ray session
+directories at the end."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,6 +27,8 @@ def test_two_runs_side_by_side(tmp_path):
     for name, p, out in zip("ab", procs, outs):
         assert p.returncode == 0, out[-3000:]
         assert "started a private local cluster" in out and "joined" not in out
+        session = Path(re.search(r"private local cluster \(.*session (\S+)\)", out).group(1))
+        assert session.name.startswith("session_") and not session.exists()  # a clean end removes it
         rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert (tmp_path / name / "COMPLETED").exists() and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
 
