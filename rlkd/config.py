@@ -274,6 +274,11 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return None
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
         return _coerce(name, value, inner)
+    if origin is dict and typing.get_args(tp)[1] is str:  # model.teachers: {name: directory}
+        if not isinstance(value, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v
+                                                  for k, v in value.items()):
+            raise bad(name, value, "a mapping of names to directories, e.g. {math: /models/math-teacher}")
+        return dict(value)
     if origin is dict:  # custom Ray resources: {name: amount}
         if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
                                                   and not isinstance(v, bool) and 0 <= v < float("inf")

@@ -19,6 +19,9 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import ray
+
+from rlkd import teacher_routing as routing
 from rlkd.algorithms import Method
 from rlkd.batch import SequenceBatch, shard_named
 from rlkd.data import PromptSampler, TokenizedExample
@@ -55,6 +58,7 @@ class Inputs:
     rollouts: dict = field(default_factory=dict)  # batch name -> Rollout, once collected
     ready: dict = field(default_factory=dict)  # batch name -> SequenceBatch (gold, teacher-generated, rollout)
     scores: dict = field(default_factory=dict)  # batch name -> score ObjectRefs per learner shard
+    teacher_stats: list = field(default_factory=list)  # a teacher per row: per-teacher stats ObjectRefs
 
 
 @dataclass
@@ -72,9 +76,12 @@ def _untimed(name: str):
 
 class Controller:
     def __init__(self, method: Method, settings: StepSettings, sampler: PromptSampler, learners, rollouts=None,
-                 teachers=None, teacher_cache: dict | None = None, val_rows: list[TokenizedExample] = ()):
+                 teachers=None, teacher_cache: dict | None = None, val_rows: list[TokenizedExample] = (),
+                 row_teachers: dict | None = None):
         self.method, self.s, self.sampler = method, settings, sampler
         self.learners, self.rollouts, self.teachers = learners, rollouts, teachers  # ActorGroup | None
+        # a teacher per row (model.teachers): name -> ActorGroup, '' the default teacher; empty: one teacher
+        self.row_teachers = {routing.DEFAULT: teachers, **row_teachers} if row_teachers else {}
         # uid -> teacher-generated response (AMMD off-policy data, SeqKD, GKD seq_kd); launch persists it
         self.teacher_cache: dict = {} if teacher_cache is None else teacher_cache
         self.val_rows = list(val_rows)
@@ -122,6 +129,8 @@ class Controller:
             metrics["val/ce"] = self.validation_ce()
             m.schedule.on_validation(metrics["val/ce"])
         metrics.update(self.ahead.schedule_metrics if self.ahead else m.schedule.metrics())
+        if inputs.teacher_stats:  # tiny dicts: the scores themselves never pass through the driver
+            metrics.update(routing.metrics(ray.get(inputs.teacher_stats)))
         if self.lags:
             metrics["rollout/version_lag"] = float(max(self.lags))
         if self.s.max_staleness > 0:
@@ -170,7 +179,7 @@ class Controller:
             else:
                 raise ValueError(f"unknown data source {source!r}")
             if self.method.needs_teacher_scores and self.method.schedule.keeps(name):
-                inp.scores[name] = self._submit_scores(name, inp.ready[name])  # the teacher starts on it now
+                inp.scores[name] = self._submit_scores(name, inp.ready[name], inp)  # the teacher starts on it now
 
     def _training_batches(self, inp: Inputs) -> dict[str, SequenceBatch]:
         """The collected batches in plan order; rollouts carry their log-probs and, if stale, the lag
@@ -223,16 +232,31 @@ class Controller:
         todo = [r for r in rows if r.uid not in self.teacher_cache]
         if not todo:
             return None
-        return todo, self.teachers.submit("generate", [r.prompt_ids for r in todo], self.s.seed + 7 * step + 1,
-                                          max_new_tokens=self.s.max_new_tokens, temperature=self.s.temperature)
+        seed, kw = self.s.seed + 7 * step + 1, {"max_new_tokens": self.s.max_new_tokens,
+                                                "temperature": self.s.temperature}
+        if self.row_teachers:  # each row answered by its own teacher
+            return (routing.submit_generations(self.row_teachers, todo, seed, **kw),)
+        return todo, self.teachers.submit("generate", [r.prompt_ids for r in todo], seed, **kw)
 
-    def _cache_teacher_gen(self, todo: list[TokenizedExample], pending) -> None:
-        out = self.teachers.collect(pending)
-        self.teacher_cache.update({r.uid: resp for r, resp in zip(todo, out["responses"])})
+    def _cache_teacher_gen(self, todo, pending=None) -> None:
+        """Collect teacher generations into the cache: `todo` rows and their Pending call, or, with a teacher
+        per row, `todo` alone, a list of (rows of one teacher, its Pending call)."""
+        for rows, call in ([(todo, pending)] if pending is not None else todo):
+            group = self.teachers if pending is not None else self.row_teachers[rows[0].teacher or routing.DEFAULT]
+            out = group.collect(call)
+            self.teacher_cache.update({r.uid: resp for r, resp in zip(rows, out["responses"])})
 
-    def _submit_scores(self, name: str, batch: SequenceBatch) -> list:
-        """Score ObjectRefs of batch `name`, one per learner shard, submitted without waiting."""
+    def _submit_scores(self, name: str, batch: SequenceBatch, inp: Inputs | None = None) -> list:
+        """Score ObjectRefs of batch `name`, one per learner shard, submitted without waiting. With a teacher
+        per row, each row goes to its teacher (the batch's rows are `inp.rows`, in order)."""
         hidden = self.method.critic_input == "teacher" and name in self.method.critic_heads
+        if self.row_teachers:
+            if inp is None:
+                raise RuntimeError(f"batch {name!r} has no rows to route to their teachers")
+            refs, stats = routing.submit_scores(self.row_teachers, batch, [r.teacher for r in inp.rows],
+                                                self.learners.size, hidden)
+            inp.teacher_stats += stats
+            return refs
         return self.teachers.spread("score", [(shard, hidden) for shard in batch.shard(self.learners.size)],
                                     wait=False)
 

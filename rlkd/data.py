@@ -37,6 +37,7 @@ class Example:
     prompt: str
     references: list[str]  # first one is the training target; all count for ROUGE-L and exact match
     family: str | None = None  # task family (skills suite), for per-family scores
+    teacher: str | None = None  # the row's teacher, a name in model.teachers (None: model.teacher)
 
 
 @dataclass
@@ -74,10 +75,13 @@ def _parse_row(row) -> tuple[Example | None, str]:
     refs = [response] if isinstance(response, str) else response
     if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r.strip() for r in refs):
         return None, "missing or empty 'response'/'output' (a string or a list of strings)"
-    family = row.get("family")
+    family, teacher = row.get("family"), row.get("teacher")
     if family is not None and not isinstance(family, str):
         return None, "'family' must be a string"
-    return Example(format_prompt(instruction.strip(), context.strip()), [r.strip() for r in refs], family), ""
+    if teacher is not None and (not isinstance(teacher, str) or not teacher.strip()):
+        return None, "'teacher' must be a teacher's name (a string in model.teachers)"
+    return Example(format_prompt(instruction.strip(), context.strip()), [r.strip() for r in refs], family,
+                   teacher.strip() if teacher else None), ""
 
 
 def read_examples(path: str | Path, max_rows: int = 0) -> tuple[list[Example], DataReport]:
@@ -133,6 +137,7 @@ class TokenizedExample:
     references: list[str]
     family: str | None = None
     truncated: bool = False  # the prompt was longer than max_prompt_tokens
+    teacher: str | None = None  # the row's teacher (model.teachers); None: model.teacher
 
 
 def cut_middle(ids: list[int], limit: int) -> list[int]:
@@ -151,7 +156,7 @@ def tokenize(examples: list[Example], tokenizer, max_prompt_tokens: int, max_res
     prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
     responses = tokenizer([e.references[0] for e in examples], add_special_tokens=False)["input_ids"]
     return [TokenizedExample(i, cut_middle(p, max_prompt_tokens), (r + [eos])[:max_response_tokens], e.references,
-                             e.family, len(p) > max_prompt_tokens)
+                             e.family, len(p) > max_prompt_tokens, e.teacher)
             for i, (p, r, e) in enumerate(zip(prompts, responses, examples))]
 
 

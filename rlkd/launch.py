@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlkd import checkpoint
@@ -51,11 +51,14 @@ class Groups:
     rollouts: ActorGroup
     teachers: ActorGroup
     method: Method
+    row_teachers: dict = field(default_factory=dict)  # model.teachers: name -> ActorGroup
 
     def shutdown(self) -> None:
         """Stop every actor of the run (on a shared cluster they would otherwise outlive it)."""
         self.learners.shutdown()
         self.rollouts.kill()
+        for group in self.row_teachers.values():
+            group.kill()
         self.teachers.kill()
 
 
@@ -83,9 +86,11 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_ca
     # OKD and SFT need no teacher actor (OKD's teacher lives in the learners); SeqKD none once all is cached
     need_teacher = m.needs_teacher_scores or (m.uses_teacher_generations and not teacher_samples_cached)
     teachers = _start_teachers(cfg, prep, m, options) if need_teacher else []
+    named = {n: _start_teachers(cfg, prep, m, options, n) for n in prep.teachers} if need_teacher else {}
     rollouts = _start_rollouts(cfg, prep, m, options) if m.uses_rollouts else []
     learners = _start_learners(cfg, prep, m, (pg, where.first("learner")) if pg else None, name)
-    wait_placed([x.ready.remote() for x in teachers + rollouts], cfg.run.placement_timeout_s,
+    wait_placed([x.ready.remote() for x in teachers + rollouts + [a for g in named.values() for a in g]],
+                cfg.run.placement_timeout_s,
                 f"{len(teachers)} teacher and {len(rollouts)} rollout actor(s) ({where.bundles[2:]})")
     lc = cfg.learner
     log(f"actors: {len(teachers)} teacher, {len(rollouts)} rollout ({cfg.rollout.backend if rollouts else '-'}), "
@@ -95,7 +100,8 @@ def start_groups(cfg: Config, prep: Prepared, method: Method, teacher_samples_ca
     rollout_group = ActorGroup(rollouts, restarts, weights=learners.student_weights_ref)
     if rollouts and cfg.rollout.weight_sync == "collective":
         rollout_group.use_collective(*learners.connect_weight_sync(rollouts))
-    return Groups(learners, rollout_group, ActorGroup(teachers, restarts), method)
+    return Groups(learners, rollout_group, ActorGroup(teachers, restarts), method,
+                  {n: ActorGroup(g, restarts) for n, g in named.items()})
 
 
 def engine_spec(cfg: Config, prep: Prepared, model_dir: Path, seed: int, **kw):
@@ -111,16 +117,18 @@ def engine_spec(cfg: Config, prep: Prepared, model_dir: Path, seed: int, **kw):
                       enforce_eager=r.vllm_enforce_eager, **kw)
 
 
-def _start_teachers(cfg: Config, prep: Prepared, method: Method, options: Callable) -> list:
+def _start_teachers(cfg: Config, prep: Prepared, method: Method, options: Callable, name: str = "") -> list:
+    """teacher.num_actors replicas of model.teacher, or of model.teachers[name] (a teacher per row)."""
     import ray
 
     from actors.teacher import TeacherActor
 
     t = cfg.teacher
     signal, k = teacher_signal(t, method, prep.vocab_size)
-    spec = engine_spec(cfg, prep, prep.teacher_dir, cfg.train.seed, bf16_on_gpu=True,
-                       tensor_parallel_size=t.tensor_parallel_size, max_logprobs=max(k, 1))
-    return [ray.remote(TeacherActor).options(**options("teacher", i, t), max_task_retries=cfg.run.max_actor_restarts)
+    spec = engine_spec(cfg, prep, prep.teachers[name] if name else prep.teacher_dir, cfg.train.seed,
+                       bf16_on_gpu=True, tensor_parallel_size=t.tensor_parallel_size, max_logprobs=max(k, 1))
+    role = f"teacher-{name}" if name else "teacher"
+    return [ray.remote(TeacherActor).options(**options(role, i, t), max_task_retries=cfg.run.max_actor_restarts)
             .remote(spec, t.backend, topk=k, temperature=t.temperature, signal=signal) for i in range(t.num_actors)]
 
 
@@ -180,7 +188,7 @@ def controller(cfg: Config, prep: Prepared, groups: Groups, teacher_cache: dict)
                             sync_check_tol=r.sync_check_tol, pad_id=tok.pad_token_id, seed=cfg.train.seed,
                             vocab_size=prep.vocab_size, max_staleness=r.max_staleness)
     return Controller(groups.method, settings, PromptSampler(prep.train, cfg.train.seed), groups.learners,
-                      groups.rollouts, groups.teachers, teacher_cache, prep.val)
+                      groups.rollouts, groups.teachers, teacher_cache, prep.val, groups.row_teachers)
 
 
 def _evaluate_now(cfg: Config, prep: Prepared, groups: Groups, ctl: Controller, run_dir: Path) -> dict:
@@ -252,6 +260,16 @@ def _method_on_its_rows(cfg: Config, prep: Prepared, log: Callable):
     return method
 
 
+def _probe_teachers(cfg: Config, prep: Prepared, groups: Groups, log: Callable) -> None:
+    """A garbage or mis-loaded replica of any teacher is caught before step 1 (rlkd.teacher_probe)."""
+    for name, group in {"": groups.teachers, **groups.row_teachers}.items():
+        if len(group) and cfg.teacher.probe:
+            p = probe(group, prep.val, prep.tokenizer.pad_token_id, prep.vocab_size, cfg.teacher.probe_tol)
+            log(f"teacher{' ' + name if name else ''}: probe of {len(group)} replica(s): gold CE "
+                f"{p['teacher/probe_gold_ce']:.3f} nats (log V = {math.log(prep.vocab_size):.2f}), replicas within "
+                f"{p['teacher/probe_replica_gap']:.2g}")
+
+
 def _train(cfg: Config, prep: Prepared, method, run_dir: Path, ckpt: Path | None, log: Callable,
            on_step: Callable | None) -> tuple[dict, list]:
     """The Ray part of a run: actors and learners, baselines, the training loop, the final student and its
@@ -264,10 +282,7 @@ def _train(cfg: Config, prep: Prepared, method, run_dir: Path, ckpt: Path | None
     try:
         cache = TeacherGenerations(cfg, prep)
         groups = start_groups(cfg, prep, method, cache.covers(prep.train), log, name=run_dir.name)
-        if len(groups.teachers) and cfg.teacher.probe:  # a garbage or mis-loaded replica is caught before step 1
-            p = probe(groups.teachers, prep.val, prep.tokenizer.pad_token_id, prep.vocab_size, cfg.teacher.probe_tol)
-            log(f"teacher: probe of {len(groups.teachers)} replica(s): gold CE {p['teacher/probe_gold_ce']:.3f} nats "
-                f"(log V = {math.log(prep.vocab_size):.2f}), replicas within {p['teacher/probe_replica_gap']:.2g}")
+        _probe_teachers(cfg, prep, groups, log)
         state = checkpoint.load_state(ckpt) if ckpt else None
         scores = state["scores"] if state else _baselines(cfg, prep, groups)
         ctl = controller(cfg, prep, groups, cache.responses)

@@ -42,6 +42,10 @@ class ModelConfig:
     """Passed to from_pretrained; off unless you trust the model directories."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Shapes and pre-training of the embedded default models."""
+    teachers: dict[str, str] = field(default_factory=dict)
+    """A teacher per data row: {name: local HF directory}. A row whose `teacher` field names one is scored (and,
+    for methods that sample the teacher, answered) by it; rows without the field by model.teacher. Metrics are
+    split by teacher (teacher/<name>/*). Every teacher must share the student's tokenizer."""
     prune_layers: int = 0
     """N > 0: the student is the teacher cut to its N most important layers (rlkd.prune: the loss rise when a
     layer is skipped, measured on up to 128 labelled train rows), built at start and cached under

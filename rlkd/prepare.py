@@ -3,7 +3,7 @@ error, before Ray does any work."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlkd.config import Config, ConfigError
@@ -28,6 +28,7 @@ class Prepared:
     data_report: str
     embedded: bool
     test: list[TokenizedExample]  # the final evaluation set (the skills test split; else = val)
+    teachers: dict = field(default_factory=dict)  # model.teachers: name -> checked directory (a teacher per row)
 
 
 def prepare(cfg: Config, log: Callable = print) -> Prepared:
@@ -73,7 +74,25 @@ def prepare(cfg: Config, log: Callable = print) -> Prepared:
     if cut:
         log(f"data: {cut} prompts longer than data.max_prompt_tokens={d.max_prompt_tokens} were cut in the middle")
     return Prepared(teacher_dir, student_dir, tok, vocab, train_tok, val_tok, data.summary, cfg.model.teacher is None,
-                    test_tok)
+                    test_tok, row_teachers(cfg, student_dir, data.train + data.val + data.test, log))
+
+
+def row_teachers(cfg: Config, student_dir: Path, rows, log: Callable) -> dict:
+    """model.teachers, checked: each a model directory with the student's tokenizer, and every `teacher` a data
+    row names one of them."""
+    named = {e.teacher for e in rows if e.teacher}
+    unknown = sorted(named - set(cfg.model.teachers))
+    if unknown:
+        raise ConfigError(f"config field model.teachers={dict(cfg.model.teachers)} is invalid: data rows name teacher(s) "
+                          f"{unknown}; define each as model.teachers.<name>=DIR")
+    out = {}
+    for name, path in cfg.model.teachers.items():
+        out[name] = check_model_dir(path, f"config field model.teachers.{name}", cfg.model.trust_remote_code, log)
+        check_same_tokenizer(out[name], student_dir, cfg.model.trust_remote_code)
+    if out:
+        log(f"teachers: {len(out)} named ({', '.join(out)}), rows per teacher: "
+            f"{ {n: sum(e.teacher == n for e in rows) for n in out} }, the rest model.teacher")
+    return out
 
 
 def check_positions(cfg: Config, teacher_dir: Path, student_dir: Path) -> None:

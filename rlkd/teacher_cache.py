@@ -23,7 +23,9 @@ def _fingerprint(model_dir: Path) -> list:
 class TeacherGenerations:
     def __init__(self, cfg, prep):
         d, r = cfg.data, cfg.rollout
-        key = json.dumps([_fingerprint(Path(prep.teacher_dir)), str(d.train_file), d.max_rows, d.val_size, d.split_seed,
+        key = json.dumps([_fingerprint(Path(prep.teacher_dir)), str(d.train_file),
+                          *(([n, _fingerprint(Path(p))] for n, p in sorted(prep.teachers.items())) if prep.teachers
+                            else ()), d.max_rows, d.val_size, d.split_seed,
                           d.max_prompt_tokens, d.max_response_tokens, r.temperature, cfg.train.seed,
                           cfg.teacher.temperature], default=str)
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]

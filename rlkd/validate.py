@@ -66,6 +66,12 @@ def validate_teacher(cfg) -> None:
     one_of(t.signal, "teacher.signal", ["auto", "full", "topk", "token"])
     positive(t, "teacher", ["tensor_parallel_size", "probe_tol"])
     m = build_method(cfg.algo, cfg.train.seed, cfg.train.steps)
+    if cfg.model.teachers:  # a teacher per row: every batch must be made of the step's own rows
+        why = ("it samples from a teacher mixture in the rollout actors" if m.mix_alpha else
+               "its teacher trains inside the learners" if m.adapted_teacher is not None else
+               "it replays sequences whose rows are gone" if getattr(m.schedule, "buffer", None) is not None else
+               "its critic reads one teacher's hidden states" if m.critic_heads and m.critic_input == "teacher" else "")
+        check(not why, "model.teachers", dict(cfg.model.teachers), f"empty for algo.method={name!r}: {why}")
     if not m.needs_teacher_scores:
         return
     check(t.signal == "auto" or t.signal in m.signals, "teacher.signal", t.signal,

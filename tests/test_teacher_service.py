@@ -159,3 +159,65 @@ def test_a_run_with_an_untrained_teacher_stops_before_step_1(tiny_models, tmp_pa
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("rlkd:")]
     assert code == 2 and len(err) == 1 and "teacher replica 0 scores the probe's gold tokens" in err[0], err
     assert not (tmp_path / "u" / "metrics.jsonl").exists()
+
+
+def _sharper_copy(teacher_dir, out, scale=3.0):
+    """The same teacher with its output logits scaled: the same tokenizer, a different distribution."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(teacher_dir, out)
+    weights = load_file(str(out / "model.safetensors"))
+    weights["lm_head.weight"] = weights["lm_head.weight"] * scale
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_each_row_is_scored_by_its_own_teacher(ray_cluster, tiny_models, tiny_data, tmp_path):
+    """The routed scores of a mixed batch equal, row by row, what each row's teacher gives it alone."""
+    from actors.teacher import TeacherActor
+    from rlkd import teacher_routing as routing
+    from rlkd.cluster import ActorGroup
+
+    tok, data = tiny_data
+    dirs = {"": tiny_models[0], "sharp": _sharper_copy(tiny_models[0], tmp_path / "sharp")}
+    groups = {n: ActorGroup([ray_cluster.remote(TeacherActor).options(num_cpus=1).remote(
+        EngineSpec(str(d), tok.pad_token_id, tok.eos_token_id, vocab_size=len(tok)), "hf")]) for n, d in dirs.items()}
+    rows = data[:8]
+    names = [None, "sharp", "sharp", None, "sharp", None, None, "sharp"]
+    batch = SequenceBatch.collate([r.prompt_ids for r in rows], [r.response_ids for r in rows], tok.pad_token_id)
+    refs, stats = routing.submit_scores(groups, batch, names, 2, False)
+    merged = [ray_cluster.get(r) for r in refs]
+    alone = {n: ray_cluster.get(g.actors[0].score.remote(batch)) for n, g in groups.items()}
+    for i, name in enumerate(names):
+        got = merged[i // 4]
+        assert torch.equal(got.logp[i % 4], alone[name or ""].logp[i]), i
+        assert torch.equal(got.token_logp[i % 4], alone[name or ""].token_logp[i]), i
+    m = routing.metrics(ray_cluster.get(stats))
+    assert m["teacher/sharp/rows"] == 4 and m["teacher/default/rows"] == 4
+    assert m["teacher/sharp/token_logp"] != m["teacher/default/token_logp"]
+
+
+def test_a_run_with_a_teacher_per_row(ray_cluster, tmp_path):
+    """GKD for 3 steps on rows that name their teacher: both teachers run, the metrics are split by teacher."""
+    from rlkd.data import SHIPPED_DOLLY
+    from rlkd.launch import run
+    from rlkd.prepare import prepare
+
+    base = [f"model.cache_dir={tmp_path / 'cache'}"]
+    prep = prepare(load_config("configs/smoke.yaml", base), log=lambda *a: None)
+    sharp = _sharper_copy(prep.teacher_dir, tmp_path / "sharp", 2.0)
+    rows = [json.loads(x) for x in SHIPPED_DOLLY.read_text().splitlines()[:200]]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({**r, **({"teacher": "sharp"} if i % 2 else {})}) + "\n"
+                                                 for i, r in enumerate(rows)))
+    cfg = load_config("configs/smoke.yaml", [*base, f"model.teacher={prep.teacher_dir}",
+                                             f"model.student={prep.student_dir}", f"model.teachers={{sharp: {sharp}}}",
+                                             f"data.train_file={tmp_path / 'rows.jsonl'}", "data.max_rows=0",
+                                             "algo.method=gkd", "algo.gkd.lmbda=1.0", "train.steps=3",
+                                             "train.checkpoint_every=0", "eval.num_examples=0",
+                                             f"run.output_dir={tmp_path}", "run.name=rows"])
+    run_dir = run(cfg, log=lambda *a: None)
+    last = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["teacher/sharp/rows"] > 0 and last["teacher/default/rows"] > 0
+    assert last["teacher/sharp/token_logp"] != last["teacher/default/token_logp"]
