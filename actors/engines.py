@@ -30,6 +30,7 @@ class EngineSpec:
     trust_remote_code: bool = False
     seed: int = 0
     bf16_on_gpu: bool = False  # the teacher's weights in bf16 on a GPU (the rollouts keep the learners' dtype)
+    devices: int = 1  # HF engine: its layers spread over this many of the actor's GPUs (layer_device_map)
     max_model_len: int = 512  # vLLM
     memory_fraction: float = 0.5  # vLLM on GPU: gpu_memory_utilization
     cpu_kv_cache_gib: float = 0.25  # vLLM on CPU: KV cache size
@@ -68,17 +69,35 @@ def scores_from_logits(logits: torch.Tensor, responses: torch.Tensor, temperatur
     return TeacherScores(cat("logp"), cat("index"), cat("tail"), cat("token_logp"))
 
 
+def layer_device_map(num_layers: int, devices: int) -> dict[str, int]:
+    """A Llama-style decoder's modules over `devices` GPUs in contiguous runs of layers (embeddings on the first,
+    the final norm and LM head on the last): an HF teacher larger than one device, in one actor."""
+    plan = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": devices - 1, "lm_head": devices - 1}
+    plan.update({f"model.layers.{i}": i * devices // num_layers for i in range(num_layers)})
+    return plan
+
+
 class HFEngine:
-    """A transformers model in this process (on the actor's GPU if it has one)."""
+    """A transformers model in this process: on the actor's GPU if it has one, or, with spec.devices > 1, split by
+    layers over that many of its GPUs (pipeline-style: memory scales with the devices, speed does not; vLLM's
+    tensor parallelism is the fast way to shard)."""
 
     def __init__(self, spec: EngineSpec):
         from rlkd.models import load_model
 
         gpu = torch.cuda.is_available()
         dtype = torch.bfloat16 if gpu and spec.bf16_on_gpu else None
-        self.model = load_model(spec.model_dir, spec.trust_remote_code, dtype=dtype).eval()
-        if gpu:
-            self.model.cuda()
+        if gpu and spec.devices > 1:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            layers = AutoConfig.from_pretrained(spec.model_dir, trust_remote_code=spec.trust_remote_code).num_hidden_layers
+            self.model = AutoModelForCausalLM.from_pretrained(
+                spec.model_dir, dtype=dtype or torch.float32, trust_remote_code=spec.trust_remote_code,
+                device_map=layer_device_map(layers, spec.devices)).eval()
+        else:
+            self.model = load_model(spec.model_dir, spec.trust_remote_code, dtype=dtype).eval()
+            if gpu:
+                self.model.cuda()
         self.device = next(self.model.parameters()).device
         self.spec = spec
 

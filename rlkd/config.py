@@ -112,7 +112,8 @@ class TeacherConfig:
     num_cpus: float = 1.0
     """CPUs reserved by each teacher actor."""
     num_gpus: float = 0.0
-    """GPUs reserved by each teacher actor (0 on CPU machines)."""
+    """GPUs reserved by each teacher actor (0 on CPU machines). An HF teacher given 2 or more spreads its layers
+    over them (a teacher larger than one device); a vLLM teacher needs teacher.tensor_parallel_size of them."""
     resources: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each teacher actor requires, e.g. {node_teacher: 1} to run it on the node started with
     `ray start --resources='{"node_teacher": 4}'` (placement across nodes; empty: anywhere)."""

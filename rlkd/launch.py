@@ -126,7 +126,8 @@ def _start_teachers(cfg: Config, prep: Prepared, method: Method, options: Callab
     t = cfg.teacher
     signal, k = teacher_signal(t, method, prep.vocab_size)
     spec = engine_spec(cfg, prep, prep.teachers[name] if name else prep.teacher_dir, cfg.train.seed,
-                       bf16_on_gpu=True, tensor_parallel_size=t.tensor_parallel_size, max_logprobs=max(k, 1))
+                       bf16_on_gpu=True, tensor_parallel_size=t.tensor_parallel_size, max_logprobs=max(k, 1),
+                       devices=max(1, int(t.num_gpus)) if t.backend == "hf" else 1)
     role = f"teacher-{name}" if name else "teacher"
     return [ray.remote(TeacherActor).options(**options(role, i, t), max_task_retries=cfg.run.max_actor_restarts)
             .remote(spec, t.backend, topk=k, temperature=t.temperature, signal=signal) for i in range(t.num_actors)]

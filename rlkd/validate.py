@@ -78,7 +78,10 @@ def validate_teacher(cfg) -> None:
           f"one of {['auto', *m.signals]} for algo.method={name!r} (the signals its loss can read)")
     if t.backend == "hf":
         check(t.tensor_parallel_size == 1, "teacher.tensor_parallel_size", t.tensor_parallel_size,
-              "1 with teacher.backend='hf' (tensor parallelism is vLLM's: set teacher.backend='vllm')")
+              "1 with teacher.backend='hf' (tensor parallelism is vLLM's: set teacher.backend='vllm'; an HF teacher "
+              "spans teacher.num_gpus devices by layers)")
+        check(t.num_gpus <= 1 or t.num_gpus == int(t.num_gpus), "teacher.num_gpus", t.num_gpus,
+              "<= 1, or a whole number of GPUs the HF teacher's layers are spread over")
         return
     check(t.temperature == 1.0, "teacher.temperature", t.temperature, "1 with teacher.backend='vllm': vLLM's "
           "prompt log-probs are raw, before temperature, and a tempered top-k cannot be rebuilt from them; use "

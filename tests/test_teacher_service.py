@@ -105,12 +105,13 @@ def test_auto_signal_is_what_the_method_reads():
 @pytest.mark.parametrize("method", ["opd", "gkd"])
 def test_a_vllm_teacher_runs_the_pipeline(ray_cluster, tmp_path, method):
     """3 steps through Ray, DeepSpeed and HF rollouts with the vLLM teacher: OPD reads the token signal
-    (4 bytes per scored token), GKD the top-k."""
+    (4 bytes per scored token) from a teacher sharded over two CPU workers (TP = 2), GKD the top-k (TP = 1)."""
     from rlkd.launch import run
     from rlkd.outputs import COMPLETED
 
     cfg = load_config("configs/smoke.yaml", [
         f"algo.method={method}", "algo.gkd.lmbda=1.0", "teacher.backend=vllm", "train.steps=3",
+        f"teacher.tensor_parallel_size={2 if method == 'opd' else 1}",
         f"run.output_dir={tmp_path}", "run.name=v", f"model.cache_dir={tmp_path / 'cache'}", "eval.num_examples=0",
         "train.checkpoint_every=0"])
     run_dir = run(cfg, log=lambda *a: None)
@@ -221,3 +222,33 @@ def test_a_run_with_a_teacher_per_row(ray_cluster, tmp_path):
     last = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["teacher/sharp/rows"] > 0 and last["teacher/default/rows"] > 0
     assert last["teacher/sharp/token_logp"] != last["teacher/default/token_logp"]
+
+
+def test_an_hf_teacher_larger_than_one_device_is_split_by_layers():
+    """The CPU half of an HF teacher over several GPUs: the layer plan covers every parameter of the real model
+    (accelerate's own check), in contiguous runs, embeddings first and the LM head last."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import check_device_map
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from actors.engines import layer_device_map
+
+    config = AutoConfig.from_pretrained(SHIPPED_TEACHER)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    plan = layer_device_map(config.num_hidden_layers, 2)
+    check_device_map(model, plan)
+    assert [plan[f"model.layers.{i}"] for i in range(4)] == [0, 0, 1, 1]
+    assert (plan["model.embed_tokens"], plan["lm_head"]) == (0, 1)
+    big = layer_device_map(28, 4)
+    assert [big[f"model.layers.{i}"] for i in range(28)] == sorted(big[f"model.layers.{i}"] for i in range(28))
+    assert {big[f"model.layers.{i}"] for i in range(28)} == {0, 1, 2, 3}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_an_hf_teacher_over_two_gpus_scores_as_on_one():
+    tok, batch = _skills_batch()
+    one = HFEngine(EngineSpec(str(SHIPPED_TEACHER), tok.pad_token_id, tok.eos_token_id, vocab_size=len(tok)))
+    two = HFEngine(EngineSpec(str(SHIPPED_TEACHER), tok.pad_token_id, tok.eos_token_id, vocab_size=len(tok), devices=2))
+    assert {p.device.index for p in two.model.parameters()} == {0, 1}
+    assert compare(one.score(batch, "topk", K, 1.0), two.score(batch, "topk", K, 1.0), batch, K)["topk_logp"] < TOL
