@@ -72,6 +72,13 @@ def validate_teacher(cfg) -> None:
                "it replays sequences whose rows are gone" if getattr(m.schedule, "buffer", None) is not None else
                "its critic reads one teacher's hidden states" if m.critic_heads and m.critic_input == "teacher" else "")
         check(not why, "model.teachers", dict(cfg.model.teachers), f"empty for algo.method={name!r}: {why}")
+    r = cfg.rollout  # a sampling temperature the method would silently override is refused, not ignored
+    fixed = m.rollout_temperature
+    if fixed is not None:
+        why = ("T = 1 (its reward and importance ratio use the sampler's own log-probs)" if name == "opd"
+               else f"algo.{name}.temperature={fixed:g}; set that field instead")
+        check(r.temperature in (1.0, fixed), "rollout.temperature", r.temperature,
+              f"{fixed:g} or left out for algo.method={name!r}: it samples at {why}")
     if not m.needs_teacher_scores:
         return
     check(t.signal == "auto" or t.signal in m.signals, "teacher.signal", t.signal,

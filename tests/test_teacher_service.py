@@ -75,6 +75,9 @@ REFUSED = [
     (["algo.method=gkd", "teacher.tensor_parallel_size=2"], "teacher.tensor_parallel_size=2", "backend='vllm'"),
     (["algo.method=gkd", "teacher.backend=vllm", "teacher.topk=0"], "teacher.topk=0", "null or >= 1"),
     (["teacher.backend=sglang"], "teacher.backend='sglang'", "one of ['hf', 'vllm']"),
+    (["algo.method=opd", "rollout.temperature=0.7"], "rollout.temperature=0.7", "it samples at T = 1"),
+    (["algo.method=gkd", "rollout.temperature=0.7"], "rollout.temperature=0.7", "algo.gkd.temperature=0.9"),
+    (["algo.method=imitkd", "model.teachers={a: /x}"], "model.teachers=", "it replays sequences"),
 ]
 
 
