@@ -2,6 +2,7 @@
 cluster (agents, workers, actors) remains after a bounded time and the session directory goes too
 (rlkd.reaper); an interrupted model build is removed at the next. A clean end removes the session directory
 as well: tests/test_concurrent.py checks it on its two runs."""
+import json
 import os
 import re
 import signal
@@ -82,3 +83,20 @@ def test_an_interrupted_build_is_removed_at_the_next_one(tmp_path):
     (tmp_path / ".building-old123").mkdir()  # the old naming, without a pid
     build_cached(tmp_path / "model", lambda d: (d / "w").write_text("x"), log=lambda *a: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".building-{os.getpid()}-def", "model"]
+
+
+def test_a_private_cluster_listens_on_loopback_only(tmp_path):
+    """The cluster rlkd starts for a run: every listening socket of its processes is on 127.0.0.1."""
+    code = ("import json, os, psutil\n"
+            "from rlkd.cluster import connect_ray, shutdown_ray\n"
+            "started = connect_ray(2, log=lambda *a: None)\n"
+            "import ray\n"
+            "ray.get(ray.remote(lambda: 1).remote())\n"
+            "pids = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}\n"
+            "found = sorted({c.laddr.ip for c in psutil.net_connections('tcp') if c.status == 'LISTEN' and c.pid in pids})\n"
+            "shutdown_ray(started)\n"
+            "print('LISTEN', json.dumps(found))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    found = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("LISTEN "))[7:])
+    assert found and set(found) <= {"127.0.0.1", "::ffff:127.0.0.1"}, found
