@@ -37,7 +37,7 @@ def connect_ray(num_cpus: int = 0, log: Callable = print, address: str | None = 
             log(f"ray: the cluster `ray start` recorded ({target}) does not answer; starting a private one")
     num_cpus = num_cpus or os.cpu_count()
     # small CPU boxes: actors reserve ~1 CPU each and mostly wait on one another, so oversubscribe
-    _init_on_loopback(max(num_cpus, 4))
+    init_on_loopback(max(num_cpus, 4))
     session = _session_dir()
     log(f"ray: started a private local cluster ({max(num_cpus, 4)} logical CPUs, session {session})")
     if session:
@@ -47,7 +47,7 @@ def connect_ray(num_cpus: int = 0, log: Callable = print, address: str | None = 
     return True
 
 
-def _init_on_loopback(num_cpus: int) -> None:
+def init_on_loopback(num_cpus: int, **kwargs) -> None:
     """Start a private cluster whose processes listen on 127.0.0.1 only. ray.init replaces a loopback
     _node_ip_address with the machine's IP (services.resolve_ip_for_localhost) unless Ray's multi-node support is
     off, as it is on macOS and Windows; it is switched off for this call only, so the GCS, raylet, agents and
@@ -57,7 +57,7 @@ def _init_on_loopback(num_cpus: int) -> None:
     multi_node = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = multi_node
 

@@ -66,8 +66,8 @@ def tiny_data(tiny_models, examples):
 def ray_cluster():
     import ray
 
-    from rlkd.cluster import shutdown_ray
+    from rlkd.cluster import init_on_loopback, shutdown_ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    init_on_loopback(4, log_to_driver=False)  # listening on 127.0.0.1 only
     yield ray
     shutdown_ray(True)  # this cluster is ours: stop it and remove its session directory

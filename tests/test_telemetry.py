@@ -26,8 +26,9 @@ def test_metrics_endpoint_serves_rlkd_gauges(tmp_path):
     import ray
 
     port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=port,
-             log_to_driver=False)
+    from rlkd.cluster import init_on_loopback
+
+    init_on_loopback(4, _metrics_export_port=port, log_to_driver=False)
     try:
         cfg = load_config("configs/smoke.yaml", [f"run.output_dir={tmp_path}", "run.name=scrape", "train.steps=4",
                                                  "algo.ammd.critic_warmup_steps=1", "eval.num_examples=0",
