@@ -136,6 +136,7 @@ class MethodSpec:
 # Adding a method: one entry here, one section in rlkd/method_config.py (if it has hyperparameters; it
 # validates itself) and one file in configs/methods/. MiniLLM descends its exact single-step reverse KL
 # (the whitened PPO surrogate carries no level); AMMD has no loss of its own: β·ammd/d_off + (1−β)·ammd/d_on.
+# OPD's exact reverse KL is reported only when the teacher ships more than the sampled token (its smoke config does).
 METHODS: dict[str, MethodSpec] = {
     "sft": MethodSpec("cross-entropy on gold responses", "loss/sft",
                       lambda a, seed, **_: _gold(obj.sft_objective, "sft", needs_teacher_scores=False)),
