@@ -50,7 +50,7 @@ def cluster_processes(driver: psutil.Process, session_dir: str) -> list[psutil.P
     return out
 
 
-def _alive(p: psutil.Process) -> bool:
+def alive(p: psutil.Process) -> bool:
     """Running and not a zombie (an orphan whose exit nobody has collected yet is gone for our purpose)."""
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
@@ -69,21 +69,21 @@ def watch(driver_pid: int, session_dir: str, poll: float = POLL_S, grace: float 
     except psutil.NoSuchProcess:
         return
     seen: dict[int, psutil.Process] = {}
-    while _alive(driver):
+    while alive(driver):
         try:
             for p in cluster_processes(driver, session_dir):
                 seen.setdefault(p.pid, p)
         except psutil.Error:
             pass
-        if seen and not any(_alive(p) for p in seen.values()):
+        if seen and not any(alive(p) for p in seen.values()):
             remove_session(session_dir)  # ray.shutdown() ran (a later ray.init gets a new session directory)
             return
         time.sleep(poll)
     deadline = time.time() + grace
-    while time.time() < deadline and any(_alive(p) for p in seen.values()):
+    while time.time() < deadline and any(alive(p) for p in seen.values()):
         time.sleep(poll)  # Ray's own processes notice the dead driver and most exit by themselves
     for p in seen.values():
-        if _alive(p):
+        if alive(p):
             try:
                 p.kill()
             except psutil.Error:

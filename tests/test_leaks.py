@@ -13,6 +13,8 @@ from pathlib import Path
 
 import psutil
 
+from rlkd.reaper import alive
+
 ROOT = Path(__file__).resolve().parents[1]
 BOUND_S = 60  # the reaper's grace (10 s) and kill, with room for a loaded machine
 
@@ -33,13 +35,6 @@ def _session(out: str) -> Path:
     return Path(found.group(1))
 
 
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def test_a_killed_driver_leaves_no_ray_process_or_session_directory(tmp_path):
     log, cluster = tmp_path / "driver.log", []
     with open(log, "w") as f:
@@ -57,9 +52,9 @@ def test_a_killed_driver_leaves_no_ray_process_or_session_directory(tmp_path):
         proc.send_signal(signal.SIGKILL)  # the driver only, as the OOM killer would
         proc.wait()
         gone = time.time() + BOUND_S
-        while time.time() < gone and (any(_alive(p) for p in cluster) or session.exists()):
+        while time.time() < gone and (any(alive(p) for p in cluster) or session.exists()):
             time.sleep(1)
-        left = [f"{p.pid} {p.name()}" for p in cluster if _alive(p)]
+        left = [f"{p.pid} {p.name()}" for p in cluster if alive(p)]
         assert not left and not session.exists(), (left, session.exists())
     finally:  # if the test failed: stop what it started, by its own handles
         if proc.poll() is None:
