@@ -1,7 +1,12 @@
 """The distillation benchmark on a student that can learn: which methods add what the teacher knows.
 
     python bench/distill.py [--smoke] [--seeds 3] [--budget 400] [--regimes scarce,full] [--methods sft,fkl,...]
+                            [--reuse earlier.json,...]
         -> bench/results/distill.md, distill.json, distill.png   (--smoke: /tmp, a few minutes)
+
+A method may carry settings of its own section: `okd:teacher_lr=1e-5`, `ammd:critic_network=logratio`
+(`algo.<method>.<key>=<value>`; the table names the variant). `--reuse` takes the runs of earlier result
+files with the same budget instead of training them again (how the benchmark grows across sessions).
 
 Teacher: the shipped skills teacher (4 layers, 73.6% greedy exact match). Student: the teacher cut to 2
 layers by rlkd.prune (`model.prune_layers=2`, 1.37M parameters), the same for every method. Two data regimes:
@@ -17,6 +22,7 @@ teacher samples for its off-policy half (`seq_kd`), so it is a prompt-only metho
   exact match with a 95% bootstrap interval over prompts (each prompt's correctness averaged over seeds);
 - learning curves: greedy exact match on 512 validation prompts against student steps and wall-clock seconds.
 Each finished run is saved at once; an interrupted benchmark resumes from them (same flags).
+OKD's adapted teacher (the teacher with its trained LoRA merged) is scored too, greedy, beside its student.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,16 +44,24 @@ EXTRA = {"gkd": ["algo.gkd.seq_kd=true"], "distillm": ["algo.distillm.init_thres
 CURVE_POINTS = 5
 
 
+def split_variant(method: str) -> tuple[str, list[str]]:
+    """'okd:teacher_lr=1e-5,alpha=0.2' -> ('okd', ['algo.okd.teacher_lr=1e-5', 'algo.okd.alpha=0.2'])."""
+    base, _, settings = method.partition(":")
+    return base, [f"algo.{base}.{kv}" for kv in settings.split(",") if kv]
+
+
 def overrides(method: str, regime: str, budget: int, seed: int, smoke: bool, work: Path) -> list[str]:
     from quality import train_steps
 
     warm = 2 if smoke else 5
     small = ["eval.num_examples=16", "train.batch_size=8"] if smoke else []
+    method, own = split_variant(method)
+    name = f"{regime}-{method}-{zlib.crc32(','.join(own).encode()) if own else 0}-{seed}"
     return [f"algo.method={method}", "model.prune_layers=2", f"data.labelled_rows={REGIMES[regime]}",
             f"train.steps={train_steps(method, budget, warm)}", f"algo.ammd.critic_warmup_steps={warm}",
             f"train.seed={seed}", "eval.baselines=false", "train.checkpoint_every=0", "eval.num_seeds=1",
             f"eval.every_steps={max(1, budget // CURVE_POINTS)}", f"run.output_dir={work}",
-            f"run.name={regime}-{method}-{seed}", *EXTRA.get(method, []), *small]
+            f"run.name={name}", *EXTRA.get(method, []), *own, *small]
 
 
 def run_one(method: str, regime: str, budget: int, seed: int, smoke: bool, work: Path, prep) -> dict:
@@ -60,8 +75,28 @@ def run_one(method: str, regime: str, budget: int, seed: int, smoke: bool, work:
     after = json.loads((run_dir / "eval.json").read_text())["scores"]["student_after"]
     curve = [(r["step"], r["train/wall_seconds"], r["eval/greedy_exact_match"]) for r in rows
              if "eval/greedy_exact_match" in r]
+    extra = {"adapted_teacher": adapted_teacher_greedy(cfg, prep, run_dir)} if cfg.algo.method == "okd" else {}
     return {"method": method, "regime": regime, "seed": seed, "scores": after, "curve": curve,
-            "train_seconds": rows[-1]["train/wall_seconds"], "run_seconds": time.time() - t0, **after["forced"]}
+            "train_seconds": rows[-1]["train/wall_seconds"], "run_seconds": time.time() - t0, **after["forced"],
+            **extra}
+
+
+def adapted_teacher_greedy(cfg, prep, run_dir: Path) -> float:
+    """Greedy exact match of OKD's teacher with its trained LoRA merged in (the run saved the adapter)."""
+    from peft import PeftModel
+
+    from rlkd.cluster import connect_ray, shutdown_ray
+    from rlkd.eval import evaluate_dir
+    from rlkd.models import load_model
+
+    merged = run_dir / "teacher_adapted"
+    PeftModel.from_pretrained(load_model(prep.teacher_dir), str(run_dir / "teacher_adapter")).merge_and_unload(
+    ).save_pretrained(str(merged))
+    started = connect_ray(0, log=lambda *a: None)  # the run closed the driver's cluster
+    try:
+        return evaluate_dir(cfg, prep.tokenizer, merged, prep.test)["greedy"]["exact_match"]
+    finally:
+        shutdown_ray(started)
 
 
 def floors(prep, cfg) -> dict:
@@ -123,13 +158,18 @@ def table(regime: str, runs: list[dict], fl: dict, labelled: int) -> tuple[str, 
                                [r["scores"]["greedy"]["correct"] for r in sft])
             widths.append((hi - lo) / 2)
             diff, sep = f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]", ("yes" if lo > 0 or hi < 0 else "no")
-        used = (f"{labelled} labelled rows" if labelled and m in GOLD_METHODS else
+        used = (f"{labelled} labelled rows" if labelled and split_variant(m)[0] in GOLD_METHODS else
                 "all train prompts" if labelled else "all labelled rows")
         lines.append(f"| {m} ({len(rs)} seeds) | {used} | {g[0]:.1f} ± {g[1]:.1f} | {s[0]:.1f} ± {s[1]:.1f} | "
                      f"{top1[0]:.1f} ± {top1[1]:.1f} | {ce[0]:.2f} ± {ce[1]:.2f} | {diff} | {sep} | "
                      f"{statistics.mean(r['train_seconds'] for r in rs):.0f} |")
     sdd = (f"Smallest detectable difference against SFT (the widest half-interval above): {max(widths):.1f} points."
            if widths else "")
+    for m, rs in ranked:  # OKD: how much of the teacher survived its LoRA training
+        if "adapted_teacher" in rs[0]:
+            g = mean_std([r["adapted_teacher"] for r in rs])
+            sdd += (f"\n\n{m}'s adapted teacher (LoRA merged) at the end: greedy {g[0]:.1f} ± {g[1]:.1f} "
+                    f"(the frozen teacher: {teacher:.1f}).")
     return "\n".join(lines) + f"\n\n{sdd}\n", best
 
 
@@ -184,8 +224,9 @@ def _args(argv):
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--budget", type=int, default=400, help="student optimizer steps per run")
     ap.add_argument("--regimes", default="scarce,full")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=None, help=f"default: {','.join(METHODS)} (--smoke: sft,opd)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill"))
+    ap.add_argument("--reuse", default="", help="comma-separated result files whose runs (same budget) are kept")
     return ap.parse_args(argv)
 
 
@@ -197,7 +238,7 @@ def main(argv=None) -> int:
     from rlkd.prepare import prepare
 
     a, t0, log = _args(argv), time.time(), print
-    methods = ["sft", "opd"] if a.smoke else a.methods.split(",")
+    methods = (a.methods or ("sft,opd" if a.smoke else ",".join(METHODS))).split(",")
     seeds, budget = ([0], 3) if a.smoke else (list(range(a.seeds)), a.budget)
     regimes = ["scarce"] if a.smoke else a.regimes.split(",")
     out = Path(tempfile.mkdtemp(prefix="rlkd-distill-")) / "distill" if a.smoke else Path(a.out)
@@ -205,10 +246,11 @@ def main(argv=None) -> int:
     cfg = load_config(None, overrides("sft", "scarce", budget, 0, a.smoke, work))
     prep = prepare(cfg, log=lambda *x: None)  # the pruned student is built (and cached) once
     flags = " --smoke" if a.smoke else (f" --regimes {','.join(regimes)} --methods {','.join(methods)} "
-                                        f"--seeds {a.seeds} --budget {budget}")
+                                        f"--seeds {a.seeds} --budget {budget}" + (a.reuse and f" --reuse {a.reuse}"))
     partial = Path(f"{out}.partial.json")
     done = _resume(partial, flags, log)
     t0 -= done.get("seconds", 0.0)
+    reuse(done, [Path(x) for x in a.reuse.split(",") if x], budget, log)
     started = connect_ray(0, log=lambda *x: None)
     try:
         done["floors"] = done.get("floors") or floors(prep, cfg)
@@ -225,9 +267,25 @@ def main(argv=None) -> int:
                         f"({r['run_seconds']:.0f}s)")
     finally:
         shutdown_ray(started)
+    # the report holds the reused runs too: their regimes and methods after the ones asked for
+    regimes += [g for g in dict.fromkeys(r["regime"] for r in done["runs"]) if g not in regimes]
+    methods += [m for m in dict.fromkeys(r["method"] for r in done["runs"]) if m not in methods]
     write_report(done, regimes, methods, budget, flags, out, time.time() - t0)
     partial.unlink(missing_ok=True)
     return 0
+
+
+def reuse(done: dict, files: list[Path], budget: int, log) -> None:
+    """Add the runs (and floors) of earlier result files with the same budget that `done` lacks."""
+    for f in files:
+        old = json.loads(f.read_text())
+        if old["budget"] != budget:
+            raise SystemExit(f"--reuse {f}: its runs have budget {old['budget']}, not {budget}")
+        have = {(r["method"], r["regime"], r["seed"]) for r in done["runs"]}
+        new = [r for r in old["runs"] if (r["method"], r["regime"], r["seed"]) not in have]
+        done["runs"] += new
+        done["floors"] = done.get("floors") or old["floors"]
+        log(f"reusing {len(new)} runs of {f}")
 
 
 def write_report(done: dict, regimes, methods, budget: int, flags: str, out: Path, seconds: float) -> None:

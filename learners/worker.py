@@ -159,7 +159,8 @@ class LearnerWorker:
         if use_critic:
             with torch.set_grad_enabled("critic" in targets):
                 h = teacher.hidden if self.critic_reads_teacher else hidden.detach()
-                critic = self.critic(name, h, None if teacher is None else teacher.index)
+                ratio = _log_ratio(logits, lse, teacher) if self.critic.module.log_ratio else None
+                critic = self.critic(name, h, None if teacher is None else teacher.index, ratio)
         frozen = None
         if self.adapted is not None:
             with torch.set_grad_enabled("teacher" in targets):
@@ -380,3 +381,10 @@ class LearnerWorker:
         rng = torch.load(f"{in_dir}/rng/rank{self.rank}.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
         self._student_moved()
+
+
+def _log_ratio(logits: torch.Tensor, lse: torch.Tensor, teacher) -> torch.Tensor:
+    """log p* − log q (no gradient) on the teacher's support: (B, R, V), or (B, R, k) at its top-k ids."""
+    with torch.no_grad():
+        s = logits if teacher.index is None else logits.gather(-1, teacher.index.long())
+        return teacher.logp - (s.float() - lse.unsqueeze(-1))

@@ -34,7 +34,7 @@ class Method:
     critic_steps: int = 0  # K critic updates per student update
     critic_warmup_steps: int = 0  # first steps that train only the critic
     critic_input: str = "teacher"  # hidden state the critic reads: 'student' | 'teacher'
-    critic_network: str = "linear"  # the critic head: 'linear' | 'mlp'
+    critic_network: str = "linear"  # the critic head: 'linear' | 'mlp' | 'logratio'
     critic_bound: float = 1.0  # |f| <= critic_bound
     needs_teacher_scores: bool = True
     policy_epochs: int = 1  # student updates per batch (PPO epochs)

@@ -21,7 +21,8 @@ class AMMDConfig:
     """First steps that update only the critic (K times each), so the moment estimator nears its sup
     before the student moves (like OpenRLHF's critic-first freezing_steps); they count in train.steps."""
     critic_network: str = "linear"
-    """Critic head: 'linear' (tanh-bounded linear head) or 'mlp' (one hidden layer of its own) [R]."""
+    """Critic head: 'linear' (tanh-bounded linear head), 'mlp' (one hidden layer of its own) [R], or 'logratio'
+    (the linear head plus a learned multiple of log p*(a) - log q(a) inside the tanh: log-ratio moments)."""
     critic_input: str = "teacher"
     """Hidden state the critic head reads: 'teacher' (shipped by the teacher actor with its scores) or
     'student' (the learner's forward; the student can collapse it to one constant vector) [R]."""
@@ -47,7 +48,7 @@ class AMMDConfig:
         positive(self, "algo.ammd", ["pg_coef", "critic_warmup_steps", "critic_l2", "anchor_fkl"], allow_zero=True)
         check(self.critic_warmup_steps < cfg.train.steps, "algo.ammd.critic_warmup_steps", self.critic_warmup_steps,
               f"< train.steps={cfg.train.steps}")
-        one_of(self.critic_network, "algo.ammd.critic_network", ["linear", "mlp"])
+        one_of(self.critic_network, "algo.ammd.critic_network", ["linear", "mlp", "logratio"])
         one_of(self.critic_input, "algo.ammd.critic_input", ["student", "teacher"])
         one_of(self.off_policy, "algo.ammd.off_policy", ["gold", "teacher"])
 

@@ -211,3 +211,29 @@ def test_adaptive_sgo_branches_and_threshold():
         src.step(sched, step)
     assert GOLD not in src.calls and src.calls[:2] == [ROLLOUT, ROLLOUT]  # fills the buffer first
     assert len(sched.buffer) == 4 and len(src.calls) < 20  # then also replays (no actor call)
+
+
+def test_logratio_critic_reaches_a_larger_moment_gap_than_the_linear_one():
+    """With a hidden state that carries nothing (one vector for every state), the linear critic can only
+    play one f for all states; the 'logratio' critic also sees log p* - log q, learns a positive weight on it,
+    and so finds a larger distance under the same L2 penalty: its function class holds the linear one's."""
+    from learners.critic import CriticHeads
+    from rlkd.objectives import ammd_critic_objective
+
+    torch.manual_seed(0)
+    p, q = torch.randn(B, R, V).log_softmax(-1), torch.randn(B, R, V).log_softmax(-1)
+    hidden, ctx = torch.ones(B, R, 8), ObjectiveContext({"on": MASK.sum().item()})
+    gaps = {}
+    for network in ("linear", "logratio"):
+        heads = CriticHeads(8, V, ("on",), network)
+        opt = torch.optim.Adam(heads.parameters(), lr=0.05)
+        for _ in range(300):
+            f = StudentForward(q, _targets(), MASK.float(), TeacherScores(p), heads("on", hidden, log_ratio=p - q))
+            loss, m = ammd_critic_objective({"on": f}, ctx, beta=0.0, l2=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        gaps[network] = -m["loss/critic"].item()
+        if network == "logratio":
+            assert heads.ratio_weight["on"].item() > 0.1
+    assert gaps["logratio"] > 1.5 * gaps["linear"] > 0, gaps

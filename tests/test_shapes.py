@@ -117,13 +117,16 @@ def test_tokenizers_compare_what_matters(tmp_path):
             check_same_tokenizer(tmp_path / "t", tmp_path / other)
 
 
-@pytest.mark.parametrize("network", ["linear", "mlp"])
+@pytest.mark.parametrize("network", ["linear", "mlp", "logratio"])
 def test_critic_at_top_k_ids_equals_the_full_critic_gathered(network):
     from learners.critic import CriticHeads
 
     torch.manual_seed(0)
     heads = CriticHeads(16, 1000, ("on",), network, bound=1.0)
+    if network == "logratio":
+        heads.ratio_weight["on"].data.fill_(0.7)
     hidden, index = torch.randn(2, 3, 16), torch.randint(0, 1000, (2, 3, 8))
-    full = heads("on", hidden)
-    top = heads("on", hidden, index)
+    ratio = torch.randn(2, 3, 1000)
+    full = heads("on", hidden, log_ratio=ratio)
+    top = heads("on", hidden, index, log_ratio=ratio.gather(-1, index))
     assert top.shape == (2, 3, 8) and torch.allclose(top, full.gather(-1, index), atol=1e-6)
