@@ -75,7 +75,12 @@ def run_one(method: str, regime: str, budget: int, seed: int, smoke: bool, work:
     after = json.loads((run_dir / "eval.json").read_text())["scores"]["student_after"]
     curve = [(r["step"], r["train/wall_seconds"], r["eval/greedy_exact_match"]) for r in rows
              if "eval/greedy_exact_match" in r]
-    extra = {"adapted_teacher": adapted_teacher_greedy(cfg, prep, run_dir)} if cfg.algo.method == "okd" else {}
+    extra = {}
+    if cfg.algo.method == "okd":  # the adapted teacher: its exact match, and its drift at the last step
+        drift = [r for r in rows if "okd/teacher_drift_kl" in r][-1]
+        extra = {"adapted_teacher": adapted_teacher_greedy(cfg, prep, run_dir),
+                 "adapted_drift": {k: drift[f"okd/{k}"] for k in ("teacher_drift_kl", "teacher_top1_agree",
+                                                                  "teacher_ce")}}
     return {"method": method, "regime": regime, "seed": seed, "scores": after, "curve": curve,
             "train_seconds": rows[-1]["train/wall_seconds"], "run_seconds": time.time() - t0, **after["forced"],
             **extra}
@@ -168,8 +173,11 @@ def table(regime: str, runs: list[dict], fl: dict, labelled: int) -> tuple[str, 
     for m, rs in ranked:  # OKD: how much of the teacher survived its LoRA training
         if "adapted_teacher" in rs[0]:
             g = mean_std([r["adapted_teacher"] for r in rs])
+            kl, agree = (mean_std([r["adapted_drift"][k] for r in rs]) for k in ("teacher_drift_kl",
+                                                                                  "teacher_top1_agree"))
             sdd += (f"\n\n{m}'s adapted teacher (LoRA merged) at the end: greedy {g[0]:.1f} ± {g[1]:.1f} "
-                    f"(the frozen teacher: {teacher:.1f}).")
+                    f"(the frozen teacher: {teacher:.1f}); at its last step KL(adapted ‖ frozen) {kl[0]:.3f}, "
+                    f"TOP-1 agreement with the frozen teacher {100 * agree[0]:.1f}%.")
     return "\n".join(lines) + f"\n\n{sdd}\n", best
 
 
