@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Ray-based, RL-style knowledge distillation (AMMD, OKD and baselines) for causal LMs",
     packages=["rlkd", "rlkd.tasks", "actors", "learners"],
-    package_data={"rlkd": ["assets/*.jsonl", "assets/default_job.yaml", "assets/README.md", "assets/LICENSE-dolly", "assets/skills_teacher/*"]},
+    package_data={"rlkd": ["assets/*.jsonl", "assets/default_job.yaml", "assets/README.md", "assets/LICENSE-dolly", "assets/skills_teacher/*", "assets/skills_student/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch==2.13.0",  # pinned: a looser pin lets other packages pull a multi-GB CUDA build

@@ -9,7 +9,8 @@ A method may carry settings of its own section: `okd:teacher_lr=1e-5`, `ammd:cri
 files with the same budget instead of training them again (how the benchmark grows across sessions).
 
 Teacher: the shipped skills teacher (4 layers, 73.6% greedy exact match). Student: the teacher cut to 2
-layers by rlkd.prune (`model.prune_layers=2`, 1.37M parameters), the same for every method. Two data regimes:
+layers by rlkd.prune (`model.prune_layers=2`, 1.37M parameters), the same for every method; or (`--student plateau`)
+the shipped from-scratch 2x128 student trained by SFT to its plateau (`model.plateau_student`). Two data regimes:
 - `scarce`: 512 labelled train rows (`data.labelled_rows=512`); methods that train on answers draw only from
   them, methods that need only prompts from all 4000 train prompts. This is the regime users distil in;
 - `full`: every train row keeps its answer.
@@ -42,6 +43,8 @@ REGIMES = {"scarce": 512, "full": 0}  # data.labelled_rows
 METHODS = ["sft", "fkl", "rkl", "tvd", "seqkd", "gkd", "opd", "ammd"]
 EXTRA = {"gkd": ["algo.gkd.seq_kd=true"], "distillm": ["algo.distillm.init_threshold=0.2"]}
 CURVE_POINTS = 5
+STUDENTS = {"pruned": (["model.prune_layers=2"], "pruned 2-layer student"),  # --student: its overrides, its name
+            "plateau": (["model.plateau_student=true"], "from-scratch 2x128 student at its SFT plateau")}
 
 
 def split_variant(method: str) -> tuple[str, list[str]]:
@@ -50,25 +53,26 @@ def split_variant(method: str) -> tuple[str, list[str]]:
     return base, [f"algo.{base}.{kv}" for kv in settings.split(",") if kv]
 
 
-def overrides(method: str, regime: str, budget: int, seed: int, smoke: bool, work: Path) -> list[str]:
+def overrides(method: str, regime: str, budget: int, seed: int, smoke: bool, work: Path,
+              student: str = "pruned") -> list[str]:
     from quality import train_steps
 
     warm = 2 if smoke else 5
     small = ["eval.num_examples=16", "train.batch_size=8"] if smoke else []
     method, own = split_variant(method)
     name = f"{regime}-{method}-{zlib.crc32(','.join(own).encode()) if own else 0}-{seed}"
-    return [f"algo.method={method}", "model.prune_layers=2", f"data.labelled_rows={REGIMES[regime]}",
+    return [f"algo.method={method}", *STUDENTS[student][0], f"data.labelled_rows={REGIMES[regime]}",
             f"train.steps={train_steps(method, budget, warm)}", f"algo.ammd.critic_warmup_steps={warm}",
             f"train.seed={seed}", "eval.baselines=false", "train.checkpoint_every=0", "eval.num_seeds=1",
             f"eval.every_steps={max(1, budget // CURVE_POINTS)}", f"run.output_dir={work}",
             f"run.name={name}", *EXTRA.get(method, []), *own, *small]
 
 
-def run_one(method: str, regime: str, budget: int, seed: int, smoke: bool, work: Path, prep) -> dict:
+def run_one(method: str, regime: str, budget: int, seed: int, smoke: bool, work: Path, prep, student: str) -> dict:
     from rlkd.config import load_config
     from rlkd.launch import run
 
-    cfg = load_config(None, overrides(method, regime, budget, seed, smoke, work))
+    cfg = load_config(None, overrides(method, regime, budget, seed, smoke, work, student))
     t0 = time.time()
     run_dir = run(cfg, log=lambda *a: None)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -163,8 +167,8 @@ def table(regime: str, runs: list[dict], fl: dict, labelled: int) -> tuple[str, 
                                [r["scores"]["greedy"]["correct"] for r in sft])
             widths.append((hi - lo) / 2)
             diff, sep = f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]", ("yes" if lo > 0 or hi < 0 else "no")
-        used = (f"{labelled} labelled rows" if labelled and split_variant(m)[0] in GOLD_METHODS else
-                "all train prompts" if labelled else "all labelled rows")
+        gold = split_variant(m)[0] in GOLD_METHODS  # prompt-only methods see the same data in both regimes
+        used = (f"{labelled} labelled rows" if labelled else "all 4000 labelled rows") if gold else "all train prompts"
         lines.append(f"| {m} ({len(rs)} seeds) | {used} | {g[0]:.1f} ± {g[1]:.1f} | {s[0]:.1f} ± {s[1]:.1f} | "
                      f"{top1[0]:.1f} ± {top1[1]:.1f} | {ce[0]:.2f} ± {ce[1]:.2f} | {diff} | {sep} | "
                      f"{statistics.mean(r['train_seconds'] for r in rs):.0f} |")
@@ -196,7 +200,7 @@ def samples(runs: list[dict], fl: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(runs: list[dict], fl: dict, regimes: list[str], path: Path) -> None:
+def plot(runs: list[dict], fl: dict, regimes: list[str], path: Path, student: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -221,7 +225,7 @@ def plot(runs: list[dict], fl: dict, regimes: list[str], path: Path) -> None:
             ax.set(xlabel=xlabel, ylabel="greedy exact match, % (validation)", title=f"regime: {regime}")
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=8, ncol=2)
-    fig.suptitle("pruned 2-layer student distilled from the skills teacher: mean and min-max over training seeds")
+    fig.suptitle(f"{STUDENTS[student][1]} distilled from the skills teacher: mean and min-max over training seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -234,6 +238,8 @@ def _args(argv):
     ap.add_argument("--regimes", default="scarce,full")
     ap.add_argument("--methods", default=None, help=f"default: {','.join(METHODS)} (--smoke: sft,opd)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill"))
+    ap.add_argument("--student", choices=sorted(STUDENTS), default="pruned",
+                    help="pruned: the teacher cut to 2 layers; plateau: the shipped from-scratch student")
     ap.add_argument("--reuse", default="", help="comma-separated result files whose runs (same budget) are kept")
     return ap.parse_args(argv)
 
@@ -251,10 +257,11 @@ def main(argv=None) -> int:
     regimes = ["scarce"] if a.smoke else a.regimes.split(",")
     out = Path(tempfile.mkdtemp(prefix="rlkd-distill-")) / "distill" if a.smoke else Path(a.out)
     work = Path(tempfile.mkdtemp(prefix="rlkd-distill-runs-"))
-    cfg = load_config(None, overrides("sft", "scarce", budget, 0, a.smoke, work))
+    cfg = load_config(None, overrides("sft", "scarce", budget, 0, a.smoke, work, a.student))
     prep = prepare(cfg, log=lambda *x: None)  # the pruned student is built (and cached) once
     flags = " --smoke" if a.smoke else (f" --regimes {','.join(regimes)} --methods {','.join(methods)} "
-                                        f"--seeds {a.seeds} --budget {budget}" + (a.reuse and f" --reuse {a.reuse}"))
+                                        f"--seeds {a.seeds} --budget {budget}" + (a.reuse and f" --reuse {a.reuse}")
+                                        + (f" --student {a.student}" if a.student != "pruned" else ""))
     partial = Path(f"{out}.partial.json")
     done = _resume(partial, flags, log)
     t0 -= done.get("seconds", 0.0)
@@ -268,7 +275,7 @@ def main(argv=None) -> int:
                 for seed in seeds:
                     if any((r["method"], r["regime"], r["seed"]) == (method, regime, seed) for r in done["runs"]):
                         continue
-                    r = run_one(method, regime, budget, seed, a.smoke, work, prep)
+                    r = run_one(method, regime, budget, seed, a.smoke, work, prep, a.student)
                     done["runs"].append(r)
                     _save(partial, done, t0)
                     log(f"{regime} {method} seed {seed}: greedy {r['scores']['greedy']['exact_match']:.1f} "
@@ -278,7 +285,7 @@ def main(argv=None) -> int:
     # the report holds the reused runs too: their regimes and methods after the ones asked for
     regimes += [g for g in dict.fromkeys(r["regime"] for r in done["runs"]) if g not in regimes]
     methods += [m for m in dict.fromkeys(r["method"] for r in done["runs"]) if m not in methods]
-    write_report(done, regimes, methods, budget, flags, out, time.time() - t0)
+    write_report(done, regimes, methods, budget, flags, out, time.time() - t0, a.student)
     partial.unlink(missing_ok=True)
     return 0
 
@@ -296,10 +303,11 @@ def reuse(done: dict, files: list[Path], budget: int, log) -> None:
         log(f"reusing {len(new)} runs of {f}")
 
 
-def write_report(done: dict, regimes, methods, budget: int, flags: str, out: Path, seconds: float) -> None:
+def write_report(done: dict, regimes, methods, budget: int, flags: str, out: Path, seconds: float,
+                 student: str) -> None:
     fl, runs = done["floors"], [r for r in done["runs"] if r["method"] in methods]
     text = [f"# Distillation benchmark\n\n`python bench/distill.py{flags}` ({seconds / 60:.0f} min on this machine): "
-            f"skills suite, pruned 2-layer student, {budget} student optimizer steps per run. Test split: "
+            f"skills suite, {STUDENTS[student][1]}, {budget} student optimizer steps per run. Test split: "
             f"{len(fl['teacher']['scores']['greedy']['correct'])} prompts; greedy exact match, one T = 1 sample "
             "per prompt, TOP-1 agreement and gold cross-entropy; mean ± std over training seeds. Curves: "
             f"[{out.name}.png]({out.name}.png).\n"]
@@ -311,7 +319,7 @@ def write_report(done: dict, regimes, methods, budget: int, flags: str, out: Pat
                     f"{samples(rs, fl)}")
     Path(f"{out}.md").write_text("\n".join(text))
     Path(f"{out}.json").write_text(json.dumps({"budget": budget, "floors": fl, "runs": runs}, indent=1) + "\n")
-    plot(runs, fl, regimes, Path(f"{out}.png"))
+    plot(runs, fl, regimes, Path(f"{out}.png"), student)
     print("\n".join(text))
 
 

@@ -2,7 +2,8 @@
 
 - data.builtin='skills' (the default): the skills suite (rlkd.tasks.skills, seed 0) with the teacher
   shipped in rlkd/assets/skills_teacher, and a student of model.tiny's shape, SFT'd briefly on the
-  suite's train split (the 'student before', as in the papers) and cached under model.cache_dir.
+  suite's train split (the 'student before', as in the papers) and cached under model.cache_dir; or
+  (model.plateau_student) the shipped from-scratch student trained to its plateau, rlkd/assets/skills_student.
 - data.builtin='dolly': the shipped Dolly subset, with a tokenizer and tiny models built and trained
   locally (rlkd.models.embedded_models): the seconds-scale path of the smoke configs.
 """
@@ -49,13 +50,20 @@ def skills_models(cfg: Config, train: list[Example], log: Callable = print) -> t
     """(the shipped skills teacher, the SFT'd tiny student built from its tokenizer, cached); no student when
     model.prune_layers cuts it from the teacher instead."""
     from rlkd.models import build_cached, load_tokenizer, tiny_llama
-    from rlkd.tasks.teacher import MAX_PROMPT, MAX_RESPONSE, SHIPPED_TEACHER
+    from rlkd.tasks.teacher import MAX_PROMPT, MAX_RESPONSE, SHIPPED_STUDENT, SHIPPED_TEACHER
 
     if not (SHIPPED_TEACHER / "model.safetensors").is_file():
         raise ConfigError(f"the skills teacher is missing from {SHIPPED_TEACHER}; rebuild it with "
                           f"`python -m rlkd.tasks.teacher --out {SHIPPED_TEACHER}`")
     if cfg.model.prune_layers:
         return SHIPPED_TEACHER, None
+    if cfg.model.plateau_student:
+        if not (SHIPPED_STUDENT / "model.safetensors").is_file():
+            raise ConfigError(f"model.plateau_student: the shipped student is missing from {SHIPPED_STUDENT}; "
+                              "rebuild it with `python -m rlkd.tasks.teacher --out rlkd/assets/skills_student --hidden 128 "
+                              "--layers 2 --head-dim 32 --steps 16000 --lr 3e-3 --eval-every 1000 --bf16 --threads 1`")
+        log(f"models: student: the shipped from-scratch skills student ({SHIPPED_STUDENT})")
+        return SHIPPED_TEACHER, SHIPPED_STUDENT
     t, d = cfg.model.tiny, cfg.data
     key = hashlib.sha256(json.dumps({"tiny": t.__dict__, "rows": d.skills_train_rows, "seed": cfg.train.seed,
                                      "v": 1}, sort_keys=True).encode())

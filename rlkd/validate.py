@@ -119,6 +119,11 @@ def validate_model_and_data(cfg) -> None:
               f"a multiple of model.tiny.head_dim={t.head_dim}")
     positive(m, "model", ["prune_layers"], allow_zero=True)
     check(0 < m.prune_mlp_ratio <= 1, "model.prune_mlp_ratio", m.prune_mlp_ratio, "in (0, 1]")
+    if m.plateau_student:
+        check(not m.prune_layers and m.teacher is None and m.student is None and cfg.data.train_file is None
+              and cfg.data.builtin == "skills", "model.plateau_student", True,
+              "only with the skills suite's own models: data.builtin='skills', no data.train_file, model.teacher "
+              "and model.student null, model.prune_layers=0")
     if m.prune_layers:
         check(m.student is None, "model.student", m.student,
               f"null when model.prune_layers={m.prune_layers} (the student is then cut from the teacher, as in the "

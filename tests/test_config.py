@@ -58,6 +58,8 @@ def test_overrides_are_typed_and_frozen():
     (["train.batch_size=3", "learner.num_ranks=2"], "train.batch_size=3 is invalid: a multiple of learner.num_ranks=2"),
     (["model.teacher=/x"], "model.teacher='/x' is invalid: set both model.teacher and model.student"),
     (["model.tiny.head_dim=16"], "model.tiny.head_dim=16 is invalid: >= 32"),
+    (["model.plateau_student=true", "data.builtin=dolly"], "model.plateau_student=True is invalid: only with the skills suite's own"),
+    (["algo.ammd.critic_network=rnn"], "algo.ammd.critic_network='rnn' is invalid: one of ['linear', 'mlp', 'logratio']"),
     (["nosep"], "expected section.field=value"),
 ])
 def test_validation_errors_name_field_value_and_allowed(overrides, needle):

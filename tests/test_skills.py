@@ -170,3 +170,16 @@ def test_teacher_builder_continues_a_build(tmp_path):
     summary = json.loads((second / "teacher.json").read_text())
     assert summary["bf16"] and summary["earlier"]["steps"] == 2 and summary["shape"]["hidden"] == 32
     assert set(summary["test_exact_match_mean"]) == {"overall", *skills.FAMILIES}
+
+
+def test_shipped_plateau_student_is_the_teachers_tokenizer_and_its_build_is_logged():
+    """model.plateau_student's directory: the teacher's tokenizer (so distillation needs no remapping), the
+    command that built it at the top of its build.log, and its validation curve in the summary."""
+    from rlkd.models import check_same_tokenizer
+    from rlkd.tasks.teacher import SHIPPED_STUDENT, SHIPPED_TEACHER
+
+    assert check_same_tokenizer(SHIPPED_TEACHER, SHIPPED_STUDENT) == 1265
+    first = (SHIPPED_STUDENT / "build.log").read_text().splitlines()[0]
+    assert first.startswith("$ python -m rlkd.tasks.teacher --out ") and "--hidden 128 --layers 2" in first
+    summary = json.loads((SHIPPED_STUDENT / "teacher.json").read_text())
+    assert summary["shape"] == {"hidden": 128, "layers": 2, "head_dim": 32} and len(summary["val_curve"]) >= 10

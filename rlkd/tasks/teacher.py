@@ -20,6 +20,7 @@ from rlkd.data import Example, format_prompt, tokenize
 from rlkd.tasks import skills
 
 SHIPPED_TEACHER = Path(__file__).parents[1] / "assets" / "skills_teacher"
+SHIPPED_STUDENT = Path(__file__).parents[1] / "assets" / "skills_student"  # from scratch, trained to its plateau
 MAX_PROMPT, MAX_RESPONSE = 64, 16  # the suite's longest prompt is ~50 word tokens, longest answer 8 + EOS
 SIZES = {"train": 64000, "val": 256, "test": 512}  # the shipped teacher's splits (seed 0)
 
