@@ -54,7 +54,7 @@ def split_variant(method: str) -> tuple[str, list[str]]:
 
 
 def overrides(method: str, regime: str, budget: int, seed: int, smoke: bool, work: Path,
-              student: str = "pruned") -> list[str]:
+              student: str = "pruned", common: tuple[str, ...] = ()) -> list[str]:
     from quality import train_steps
 
     warm = 2 if smoke else 5
@@ -65,14 +65,15 @@ def overrides(method: str, regime: str, budget: int, seed: int, smoke: bool, wor
             f"train.steps={train_steps(method, budget, warm)}", f"algo.ammd.critic_warmup_steps={warm}",
             f"train.seed={seed}", "eval.baselines=false", "train.checkpoint_every=0", "eval.num_seeds=1",
             f"eval.every_steps={max(1, budget // CURVE_POINTS)}", f"run.output_dir={work}",
-            f"run.name={name}", *EXTRA.get(method, []), *own, *small]
+            f"run.name={name}", *EXTRA.get(method, []), *own, *common, *small]
 
 
-def run_one(method: str, regime: str, budget: int, seed: int, smoke: bool, work: Path, prep, student: str) -> dict:
+def run_one(method: str, regime: str, budget: int, seed: int, smoke: bool, work: Path, prep, student: str,
+            common: tuple[str, ...] = ()) -> dict:
     from rlkd.config import load_config
     from rlkd.launch import run
 
-    cfg = load_config(None, overrides(method, regime, budget, seed, smoke, work, student))
+    cfg = load_config(None, overrides(method, regime, budget, seed, smoke, work, student, common))
     t0 = time.time()
     run_dir = run(cfg, log=lambda *a: None)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -240,6 +241,8 @@ def _args(argv):
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill"))
     ap.add_argument("--student", choices=sorted(STUDENTS), default="pruned",
                     help="pruned: the teacher cut to 2 layers; plateau: the shipped from-scratch student")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="a config override for every run (e.g. learner.student_lr=1e-4)")
     ap.add_argument("--reuse", default="", help="comma-separated result files whose runs (same budget) are kept")
     return ap.parse_args(argv)
 
@@ -261,7 +264,8 @@ def main(argv=None) -> int:
     prep = prepare(cfg, log=lambda *x: None)  # the pruned student is built (and cached) once
     flags = " --smoke" if a.smoke else (f" --regimes {','.join(regimes)} --methods {','.join(methods)} "
                                         f"--seeds {a.seeds} --budget {budget}" + (a.reuse and f" --reuse {a.reuse}")
-                                        + (f" --student {a.student}" if a.student != "pruned" else ""))
+                                        + (f" --student {a.student}" if a.student != "pruned" else "")
+                                        + "".join(f" --set {x}" for x in a.set))
     partial = Path(f"{out}.partial.json")
     done = _resume(partial, flags, log)
     t0 -= done.get("seconds", 0.0)
@@ -275,7 +279,7 @@ def main(argv=None) -> int:
                 for seed in seeds:
                     if any((r["method"], r["regime"], r["seed"]) == (method, regime, seed) for r in done["runs"]):
                         continue
-                    r = run_one(method, regime, budget, seed, a.smoke, work, prep, a.student)
+                    r = run_one(method, regime, budget, seed, a.smoke, work, prep, a.student, tuple(a.set))
                     done["runs"].append(r)
                     _save(partial, done, t0)
                     log(f"{regime} {method} seed {seed}: greedy {r['scores']['greedy']['exact_match']:.1f} "
