@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import sys
@@ -156,7 +157,7 @@ def table(regime: str, runs: list[dict], fl: dict, labelled: int) -> tuple[str, 
         lines.append(f"| {k} | - | {f['scores']['greedy']['exact_match']:.1f} | {f['scores']['exact_match_mean']:.1f} "
                      f"| {f['top1_agreement']:.1f} | {f['gold_ce']:.2f} | | | |")
     ranked = sorted(by.items(), key=lambda kv: -statistics.mean(r["scores"]["greedy"]["exact_match"] for r in kv[1]))
-    best, widths = 0.0, []
+    best, widths = -math.inf, []
     for m, rs in ranked:
         g, s = (mean_std([r["scores"]["greedy"]["exact_match"] for r in rs]),
                 mean_std([r["scores"]["exact_match_mean"] for r in rs]))
@@ -318,9 +319,10 @@ def write_report(done: dict, regimes, methods, budget: int, flags: str, out: Pat
     for regime in regimes:
         rs = [r for r in runs if r["regime"] == regime]
         body, best = table(regime, rs, fl, REGIMES[regime])
+        below = "; below 0: every method ends below the student before" if best < 0 else ""
         text.append(f"## Regime: {regime}\n\n{body}\nThe best method closes {100 * best:.0f}% of the gap between the "
-                    f"student before and the teacher (greedy).\n\nGreedy answers to the first three test prompts:\n\n"
-                    f"{samples(rs, fl)}")
+                    f"student before and the teacher (greedy{below}).\n\nGreedy answers to the first three test "
+                    f"prompts:\n\n{samples(rs, fl)}")
     Path(f"{out}.md").write_text("\n".join(text))
     Path(f"{out}.json").write_text(json.dumps({"budget": budget, "floors": fl, "runs": runs}, indent=1) + "\n")
     plot(runs, fl, regimes, Path(f"{out}.png"), student)
