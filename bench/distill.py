@@ -244,6 +244,7 @@ def _args(argv):
                     help="pruned: the teacher cut to 2 layers; plateau: the shipped from-scratch student")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="a config override for every run (e.g. learner.student_lr=1e-4)")
+    ap.add_argument("--report-only", action="store_true", help="train nothing: the report of the --reuse runs")
     ap.add_argument("--reuse", default="", help="comma-separated result files whose runs (same budget) are kept")
     return ap.parse_args(argv)
 
@@ -266,7 +267,7 @@ def main(argv=None) -> int:
     flags = " --smoke" if a.smoke else (f" --regimes {','.join(regimes)} --methods {','.join(methods)} "
                                         f"--seeds {a.seeds} --budget {budget}" + (a.reuse and f" --reuse {a.reuse}")
                                         + (f" --student {a.student}" if a.student != "pruned" else "")
-                                        + "".join(f" --set {x}" for x in a.set))
+                                        + "".join(f" --set {x}" for x in a.set) + " --report-only" * a.report_only)
     partial = Path(f"{out}.partial.json")
     done = _resume(partial, flags, log)
     t0 -= done.get("seconds", 0.0)
@@ -275,7 +276,7 @@ def main(argv=None) -> int:
     try:
         done["floors"] = done.get("floors") or floors(prep, cfg)
         _save(partial, done, t0)
-        for regime in regimes:
+        for regime in ([] if a.report_only else regimes):
             for method in methods:
                 for seed in seeds:
                     if any((r["method"], r["regime"], r["seed"]) == (method, regime, seed) for r in done["runs"]):
@@ -311,7 +312,9 @@ def reuse(done: dict, files: list[Path], budget: int, log) -> None:
 def write_report(done: dict, regimes, methods, budget: int, flags: str, out: Path, seconds: float,
                  student: str) -> None:
     fl, runs = done["floors"], [r for r in done["runs"] if r["method"] in methods]
-    text = [f"# Distillation benchmark\n\n`python bench/distill.py{flags}` ({seconds / 60:.0f} min on this machine): "
+    spent = sum(r["run_seconds"] for r in runs) / 60  # reused runs were timed when they ran
+    text = [f"# Distillation benchmark\n\n`python bench/distill.py{flags}` ({seconds / 60:.0f} min on this machine; its "
+            f"{len(runs)} runs took {spent:.0f} min of training and evaluation in all): "
             f"skills suite, {STUDENTS[student][1]}, {budget} student optimizer steps per run. Test split: "
             f"{len(fl['teacher']['scores']['greedy']['correct'])} prompts; greedy exact match, one T = 1 sample "
             "per prompt, TOP-1 agreement and gold cross-entropy; mean ± std over training seeds. Curves: "

@@ -67,8 +67,9 @@ class OKDConfig:
     """Student loss toward the adapted teacher: 'fkl' KL(p_ta || p_s) (eq. 17), or 'rkl' / 'jsd' (Table V)."""
     jsd_beta: float = 0.5
     """beta of the 'jsd' student loss, GKD/TRL convention (OKD does not give it: [R] TRL's default)."""
-    teacher_lr: float = 0.0
-    """Learning rate of the teacher LoRA; 0 uses learner.student_lr (Algorithm 1: one shared eta)."""
+    teacher_lr: float = 1e-5
+    """Learning rate of the teacher LoRA; 0 uses learner.student_lr (Algorithm 1: one shared eta). 1e-5 by
+    measurement (docs/algorithms.md#okd): at the shared rate the teacher collapses onto the student [R]."""
     trust_kl: float = 0.0
     """Weight of a trust region on the teacher LoRA: + trust_kl * KL(p_ta || p_frozen) in its loss (0: off,
     the paper's loss). The drift itself is logged every step (okd/teacher_drift_kl, okd/teacher_top1_agree)."""
