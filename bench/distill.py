@@ -210,6 +210,8 @@ def plot(runs: list[dict], fl: dict, regimes: list[str], path: Path, student: st
 
     fig, axes = plt.subplots(len(regimes), 2, figsize=(12, 4.2 * len(regimes)), squeeze=False)
     start = fl["student before"]["val_greedy"]
+    every = sorted({r["method"] for r in runs})  # one colour per method in every panel
+    colour = {m: plt.get_cmap("tab10" if len(every) <= 10 else "tab20")(i) for i, m in enumerate(every)}
     for row, regime in zip(axes, regimes):
         methods = sorted({r["method"] for r in runs if r["regime"] == regime})
         for m in methods:
@@ -219,9 +221,9 @@ def plot(runs: list[dict], fl: dict, regimes: list[str], path: Path, student: st
             for ax, xs in ((row[0], [0] + [rs[0]["curve"][i][0] for i in range(n)]),
                            (row[1], [0] + [statistics.mean(r["curve"][i][1] for r in rs) for i in range(n)])):
                 mean = [statistics.mean(y[i] for y in ys) for i in range(n + 1)]
-                line, = ax.plot(xs, mean, label=m, marker="o", ms=3)
+                ax.plot(xs, mean, label=m, marker="o", ms=3, color=colour[m])
                 ax.fill_between(xs, [min(y[i] for y in ys) for i in range(n + 1)],
-                                [max(y[i] for y in ys) for i in range(n + 1)], color=line.get_color(), alpha=0.15)
+                                [max(y[i] for y in ys) for i in range(n + 1)], color=colour[m], alpha=0.15)
         for ax, xlabel in zip(row, ("student optimizer steps", "training wall-clock seconds")):
             ax.axhline(start, color="grey", ls=":", lw=1)
             ax.set(xlabel=xlabel, ylabel="greedy exact match, % (validation)", title=f"regime: {regime}")
