@@ -52,6 +52,9 @@ class ModelConfig:
     model.cache_dir; model.student must then be null. 0: model.student, or the embedded student."""
     prune_mlp_ratio: float = 1.0
     """With model.prune_layers: the fraction of MLP channels each kept layer keeps (the most active ones)."""
+    prune_head_ratio: float = 1.0
+    """With model.prune_layers: the fraction of key/value head groups each kept layer keeps (the most active
+    ones, each with the query heads that share it)."""
     plateau_student: bool = False
     """Skills suite only: the student is the shipped from-scratch 2x128 Llama trained by SFT to its plateau
     (rlkd/assets/skills_student, its command and log beside it), the same 'before' on every machine. Off: the

@@ -119,6 +119,7 @@ def validate_model_and_data(cfg) -> None:
               f"a multiple of model.tiny.head_dim={t.head_dim}")
     positive(m, "model", ["prune_layers"], allow_zero=True)
     check(0 < m.prune_mlp_ratio <= 1, "model.prune_mlp_ratio", m.prune_mlp_ratio, "in (0, 1]")
+    check(0 < m.prune_head_ratio <= 1, "model.prune_head_ratio", m.prune_head_ratio, "in (0, 1]")
     if m.plateau_student:
         check(not m.prune_layers and m.teacher is None and m.student is None and cfg.data.train_file is None
               and cfg.data.builtin == "skills", "model.plateau_student", True,

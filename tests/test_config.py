@@ -59,6 +59,7 @@ def test_overrides_are_typed_and_frozen():
     (["model.teacher=/x"], "model.teacher='/x' is invalid: set both model.teacher and model.student"),
     (["model.tiny.head_dim=16"], "model.tiny.head_dim=16 is invalid: >= 32"),
     (["model.plateau_student=true", "data.builtin=dolly"], "model.plateau_student=True is invalid: only with the skills suite's own"),
+    (["model.prune_head_ratio=0"], "model.prune_head_ratio=0.0 is invalid: in (0, 1]"),
     (["algo.ammd.critic_network=rnn"], "algo.ammd.critic_network='rnn' is invalid: one of ['linear', 'mlp', 'logratio']"),
     (["nosep"], "expected section.field=value"),
 ])

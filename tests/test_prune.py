@@ -1,4 +1,4 @@
-"""`python -m rlkd.prune`: a student cut from the teacher by layer and MLP-channel importance. The cut model
+"""`python -m rlkd.prune`: a student cut from the teacher by layer, MLP-channel and head-group importance. The cut model
 reloads as an HF model of the new shape and generates (the KV cache is indexed by the new layer numbers); a
 layer that does nothing is the one dropped; a 151,936-row Qwen2 keeps its embedding and LM head whole."""
 import json
@@ -19,9 +19,11 @@ def _prune(tmp_path, model_dir, *args):
 
 def test_cut_llama_reloads_and_generates(tmp_path, tiny_models, tiny_data):
     width = load_model(tiny_models[0]).config.intermediate_size
-    out, summary = _prune(tmp_path, tiny_models[0], "--layers", "1", "--mlp-ratio", "0.5")
+    out, summary = _prune(tmp_path, tiny_models[0], "--layers", "1", "--mlp-ratio", "0.5", "--head-ratio", "0.5")
     model = load_model(out)
     assert model.config.num_hidden_layers == 1 and model.config.intermediate_size == round(width / 2)
+    c = model.config  # 2 heads of 32 (multi-head attention: each head is its own group) -> 1
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (1, 1, 32)
     assert summary["kept_layers"] in ([0], [1]) and summary["parameters_after"] < summary["parameters_before"]
     tok, data = tiny_data
     responses, logprobs = hf_generate(model, [d.prompt_ids for d in data[:4]], tok.pad_token_id, tok.eos_token_id, 6)
@@ -84,10 +86,46 @@ def test_qwen2_with_151k_rows_keeps_its_embedding(tmp_path, tiny_models):
     assert after.shape == (64, 32) and all(any(torch.equal(c, b) for b in before.T) for c in after.T)
 
 
+def test_qwen2_head_groups_the_idle_group_is_dropped(tmp_path, tiny_models, tiny_data):
+    """Grouped-query attention (4 query heads, 2 KV heads): --head-ratio 0.5 keeps one KV group with its two
+    query heads. Group 0's output projection is zeroed, so group 1 is kept in every layer, its q/k/v rows and
+    o_proj columns copied exactly; the cut model reloads with head_dim written out, and generates."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok, data = tiny_data
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=128, eos_token_id=tok.eos_token_id,
+                                         pad_token_id=tok.pad_token_id))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[:, :32].zero_()  # query heads 0 and 1: group 0 adds nothing
+    model.save_pretrained(str(tmp_path / "gqa"))
+    tok.save_pretrained(str(tmp_path / "gqa"))
+    out, summary = _prune(tmp_path, tmp_path / "gqa", "--layers", "2", "--head-ratio", "0.5")
+    cut = load_model(out)
+    c = cut.config
+    assert summary["kept_head_groups"] == [[1], [1]] and summary["kv_heads"] == 1
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (2, 1, 16)
+    for old, new in zip(model.model.layers, cut.model.layers):
+        a, b = old.self_attn, new.self_attn
+        assert torch.equal(b.q_proj.weight, a.q_proj.weight[32:]) and torch.equal(b.q_proj.bias, a.q_proj.bias[32:])
+        assert torch.equal(b.k_proj.weight, a.k_proj.weight[16:]) and torch.equal(b.v_proj.weight, a.v_proj.weight[16:])
+        assert torch.equal(b.o_proj.weight, a.o_proj.weight[:, 32:])
+    prompts = [d.prompt_ids for d in data[:4]]
+    batch = torch.tensor([p[:8] for p in prompts])
+    with torch.no_grad():  # group 0 contributed nothing, so the cut model computes the same function
+        assert torch.allclose(cut(batch).logits, model(batch).logits, atol=1e-5)
+    responses, _ = hf_generate(cut, prompts, tok.pad_token_id, tok.eos_token_id, 4)
+    assert all(1 <= len(r) <= 4 for r in responses)
+
+
 @pytest.mark.parametrize("args,words", [
     (["--layers", "0"], "--layers=0 is invalid"),
     (["--keep-layers", "0,9"], "--keep-layers='0,9' is invalid"),
     (["--mlp-ratio", "0"], "--mlp-ratio=0.0 is invalid"),
+    (["--head-ratio", "1.5"], "--head-ratio=1.5 is invalid"),
     (["--layers", "1", "--keep-layers", "0"], "exclude each other"),
 ])
 def test_bad_arguments_are_one_line(tmp_path, tiny_models, capsys, args, words):
