@@ -96,18 +96,14 @@ def adapted_teacher_greedy(cfg, prep, run_dir: Path) -> float:
     """Greedy exact match of OKD's teacher with its trained LoRA merged in (the run saved the adapter)."""
     from peft import PeftModel
 
-    from rlkd.cluster import connect_ray, shutdown_ray
     from rlkd.eval import evaluate_dir
     from rlkd.models import load_model
 
     merged = run_dir / "teacher_adapted"
     PeftModel.from_pretrained(load_model(prep.teacher_dir), str(run_dir / "teacher_adapter")).merge_and_unload(
     ).save_pretrained(str(merged))
-    started = connect_ray(0, log=lambda *a: None)  # the run closed the driver's cluster
-    try:
-        return evaluate_dir(cfg, prep.tokenizer, merged, prep.test)["greedy"]["exact_match"]
-    finally:
-        shutdown_ray(started)
+    # evaluated in a Ray task on the cluster main() holds open for every run
+    return evaluate_dir(cfg, prep.tokenizer, merged, prep.test)["greedy"]["exact_match"]
 
 
 def floors(prep, cfg) -> dict:
@@ -315,8 +311,8 @@ def write_report(done: dict, regimes, methods, budget: int, flags: str, out: Pat
                  student: str) -> None:
     fl, runs = done["floors"], [r for r in done["runs"] if r["method"] in methods]
     spent = sum(r["run_seconds"] for r in runs) / 60  # reused runs were timed when they ran
-    text = [f"# Distillation benchmark\n\n`python bench/distill.py{flags}` ({seconds / 60:.0f} min on this machine; its "
-            f"{len(runs)} runs took {spent:.0f} min of training and evaluation in all): "
+    text = [f"# Distillation benchmark\n\n`python bench/distill.py{flags}` ({seconds / 60:.0f} min on this machine; "
+            f"its {len(runs)} runs took {spent:.0f} min of training and evaluation in all): "
             f"skills suite, {STUDENTS[student][1]}, {budget} student optimizer steps per run. Test split: "
             f"{len(fl['teacher']['scores']['greedy']['correct'])} prompts; greedy exact match, one T = 1 sample "
             "per prompt, TOP-1 agreement and gold cross-entropy; mean ± std over training seeds. Curves: "

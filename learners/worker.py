@@ -155,20 +155,20 @@ class LearnerWorker:
         use_critic = self.critic is not None and name in self.critic.module.heads
         student_hidden = use_critic and not self.critic_reads_teacher
         logits, lse, hidden = self._student_forward(s, name, "student" in targets, student_hidden)
-        critic = adapted = None
-        if use_critic:
-            with torch.set_grad_enabled("critic" in targets):
-                h = teacher.hidden if self.critic_reads_teacher else hidden.detach()
-                ratio = _log_ratio(logits, lse, teacher) if self.critic.module.log_ratio else None
-                critic = self.critic(name, h, None if teacher is None else teacher.index, ratio)
-        frozen = None
+        adapted = frozen = None
         if self.adapted is not None:
             with torch.set_grad_enabled("teacher" in targets):
                 adapted = torch.log_softmax(response_forward(self.adapted, batch, self.vocab_size)[0], -1)
             with torch.no_grad(), self.adapted.module.disable_adapter():  # the frozen teacher: its drift
                 frozen = torch.log_softmax(response_forward(self.adapted, batch, self.vocab_size)[0], -1)
-        return StudentForward(logits, batch.responses, batch.response_mask, teacher, critic, batch.rollout_logprobs,
-                              batch.behavior_logprobs, s.old_logp.get(name), adapted, lse=lse, frozen_logp=frozen)
+        fwd = StudentForward(logits, batch.responses, batch.response_mask, teacher, None, batch.rollout_logprobs,
+                             batch.behavior_logprobs, s.old_logp.get(name), adapted, lse=lse, frozen_logp=frozen)
+        if use_critic:
+            with torch.set_grad_enabled("critic" in targets):
+                h = teacher.hidden if self.critic_reads_teacher else hidden.detach()
+                ratio = teacher.logp - fwd.support_logp().detach() if self.critic.module.log_ratio else None
+                fwd.critic = self.critic(name, h, None if teacher is None else teacher.index, ratio)
+        return fwd
 
     def _student_forward(self, s: Slot, name: str, grad: bool, with_hidden: bool):
         """Student logits (model dtype), their fp32 logsumexp, and the hidden state on batch `name`: no
@@ -382,9 +382,3 @@ class LearnerWorker:
         torch.set_rng_state(rng["torch"])
         self._student_moved()
 
-
-def _log_ratio(logits: torch.Tensor, lse: torch.Tensor, teacher) -> torch.Tensor:
-    """log p* − log q (no gradient) on the teacher's support: (B, R, V), or (B, R, k) at its top-k ids."""
-    with torch.no_grad():
-        s = logits if teacher.index is None else logits.gather(-1, teacher.index.long())
-        return teacher.logp - (s.float() - lse.unsqueeze(-1))

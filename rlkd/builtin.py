@@ -46,22 +46,25 @@ def load_data(cfg: Config, log: Callable = print) -> Data:
     return Data(train, val, val, report.summary(), source)
 
 
+def _require_shipped(model_dir: Path, what: str, build_flags: str) -> None:
+    """One line naming the command that rebuilds a shipped model directory that is missing."""
+    if not (model_dir / "model.safetensors").is_file():
+        raise ConfigError(f"{what} is missing from {model_dir}; rebuild it with "
+                          f"`python -m rlkd.tasks.teacher --out {model_dir}{build_flags}`")
+
+
 def skills_models(cfg: Config, train: list[Example], log: Callable = print) -> tuple[Path, Path | None]:
     """(the shipped skills teacher, the SFT'd tiny student built from its tokenizer, cached); no student when
     model.prune_layers cuts it from the teacher instead."""
     from rlkd.models import build_cached, load_tokenizer, tiny_llama
     from rlkd.tasks.teacher import MAX_PROMPT, MAX_RESPONSE, SHIPPED_STUDENT, SHIPPED_TEACHER
 
-    if not (SHIPPED_TEACHER / "model.safetensors").is_file():
-        raise ConfigError(f"the skills teacher is missing from {SHIPPED_TEACHER}; rebuild it with "
-                          f"`python -m rlkd.tasks.teacher --out {SHIPPED_TEACHER}`")
+    _require_shipped(SHIPPED_TEACHER, "the skills teacher", "")
     if cfg.model.prune_layers:
         return SHIPPED_TEACHER, None
     if cfg.model.plateau_student:
-        if not (SHIPPED_STUDENT / "model.safetensors").is_file():
-            raise ConfigError(f"model.plateau_student: the shipped student is missing from {SHIPPED_STUDENT}; "
-                              "rebuild it with `python -m rlkd.tasks.teacher --out rlkd/assets/skills_student --hidden 128 "
-                              "--layers 2 --head-dim 32 --steps 16000 --lr 3e-3 --eval-every 1000 --bf16 --threads 1`")
+        _require_shipped(SHIPPED_STUDENT, "model.plateau_student: the shipped student", " --hidden 128 --layers 2 "
+                         "--head-dim 32 --steps 16000 --lr 3e-3 --eval-every 1000 --bf16 --threads 1")
         log(f"models: student: the shipped from-scratch skills student ({SHIPPED_STUDENT})")
         return SHIPPED_TEACHER, SHIPPED_STUDENT
     t, d = cfg.model.tiny, cfg.data

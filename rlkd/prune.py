@@ -12,9 +12,10 @@ Importance is measured on calibration text (`--data`, rlkd's JSONL rows; default
 - width: an MLP channel's mean |act(gate)·up| over the tokens (Minitron's activation importance); every kept
   layer keeps its `--mlp-ratio` most active channels; and a key/value head group's (one KV head and the query
   heads that share it) summed mean norm of its heads' contributions to the residual stream (W_o[:, h]·x_h):
-  every kept layer keeps its `--head-ratio` most active groups, so grouped-query attention stays grouped. Works for Llama-style decoders (Llama, Qwen2, Mistral: `model.layers`,
-`mlp.gate_proj/up_proj/down_proj`). Writes an HF model directory (safetensors, the teacher's tokenizer) and
-`prune.json` with the scores and what was kept, so the cut is reproducible and explained.
+  every kept layer keeps its `--head-ratio` most active groups, so grouped-query attention stays grouped.
+Works for Llama-style decoders (Llama, Qwen2, Mistral: `model.layers`, `mlp.gate_proj/up_proj/down_proj`).
+Writes an HF model directory (safetensors, the teacher's tokenizer) and `prune.json` with the scores and
+what was kept, so the cut is reproducible and explained.
 """
 from __future__ import annotations
 
@@ -174,7 +175,8 @@ def prune(model, keep_layers: list[int], channel_scores: list[torch.Tensor] | No
         config.layer_types = [config.layer_types[i] for i in keep_layers]
     if isinstance(getattr(config, "max_window_layers", None), int):
         config.max_window_layers = min(config.max_window_layers, len(kept))
-    return {"kept_layers": keep_layers, "intermediate_size": width, "kv_heads": groups, "kept_head_groups": kept_groups}
+    return {"kept_layers": keep_layers, "intermediate_size": width, "kv_heads": groups,
+            "kept_head_groups": kept_groups}
 
 
 def choose_layers(scores: list[float], layers: int | None, keep: str | None, field: str = "--layers") -> list[int]:
@@ -278,8 +280,8 @@ def prune_dir(model_dir: Path, out: Path, examples: list, layers: int | None, ke
                    mlp_ratio=mlp_ratio, head_ratio=head_ratio, parameters_before=before, parameters_after=after)
     (Path(out) / "prune.json").write_text(json.dumps(summary, indent=1) + "\n")
     log(f"layer importance ({depth_metric}): {[round(s, 4) for s in scores]}; kept layers {keep}, "
-        f"MLP width {summary['intermediate_size']}, {summary['kv_heads']} KV heads; {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters "
-        f"-> {out}")
+        f"MLP width {summary['intermediate_size']}, {summary['kv_heads']} KV heads; "
+        f"{before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters -> {out}")
     return summary
 
 
