@@ -269,7 +269,7 @@ def main(argv=None) -> int:
     partial = Path(f"{out}.partial.json")
     done = _resume(partial, flags, log)
     t0 -= done.get("seconds", 0.0)
-    reuse(done, [Path(x) for x in a.reuse.split(",") if x], budget, log)
+    reuse(done, [Path(x) for x in a.reuse.split(",") if x], budget, a.student, a.set, log)
     started = connect_ray(0, log=lambda *x: None)
     try:
         done["floors"] = done.get("floors") or floors(prep, cfg)
@@ -289,17 +289,20 @@ def main(argv=None) -> int:
     # the report holds the reused runs too: their regimes and methods after the ones asked for
     regimes += [g for g in dict.fromkeys(r["regime"] for r in done["runs"]) if g not in regimes]
     methods += [m for m in dict.fromkeys(r["method"] for r in done["runs"]) if m not in methods]
-    write_report(done, regimes, methods, budget, flags, out, time.time() - t0, a.student)
+    write_report(done, regimes, methods, budget, flags, out, time.time() - t0, a.student, a.set)
     partial.unlink(missing_ok=True)
     return 0
 
 
-def reuse(done: dict, files: list[Path], budget: int, log) -> None:
-    """Add the runs (and floors) of earlier result files with the same budget that `done` lacks."""
+def reuse(done: dict, files: list[Path], budget: int, student: str, common: list[str], log) -> None:
+    """Add the runs (and floors) of earlier result files with the same budget, student and --set that `done`
+    lacks. (Files written before these were recorded are the pruned student with no --set.)"""
     for f in files:
         old = json.loads(f.read_text())
-        if old["budget"] != budget:
-            raise SystemExit(f"--reuse {f}: its runs have budget {old['budget']}, not {budget}")
+        for what, theirs, ours in (("budget", old["budget"], budget), ("student", old.get("student", "pruned"),
+                                   student), ("--set", old.get("set", []), list(common))):
+            if theirs != ours:
+                raise SystemExit(f"--reuse {f}: its runs have {what} {theirs}, not {ours}")
         have = {(r["method"], r["regime"], r["seed"]) for r in done["runs"]}
         new = [r for r in old["runs"] if (r["method"], r["regime"], r["seed"]) not in have]
         done["runs"] += new
@@ -308,7 +311,7 @@ def reuse(done: dict, files: list[Path], budget: int, log) -> None:
 
 
 def write_report(done: dict, regimes, methods, budget: int, flags: str, out: Path, seconds: float,
-                 student: str) -> None:
+                 student: str, common: list[str]) -> None:
     fl, runs = done["floors"], [r for r in done["runs"] if r["method"] in methods]
     spent = sum(r["run_seconds"] for r in runs) / 60  # reused runs were timed when they ran
     text = [f"# Distillation benchmark\n\n`python bench/distill.py{flags}` ({seconds / 60:.0f} min on this machine; "
@@ -325,7 +328,8 @@ def write_report(done: dict, regimes, methods, budget: int, flags: str, out: Pat
                     f"student before and the teacher (greedy{below}).\n\nGreedy answers to the first three test "
                     f"prompts:\n\n{samples(rs, fl)}")
     Path(f"{out}.md").write_text("\n".join(text))
-    Path(f"{out}.json").write_text(json.dumps({"budget": budget, "floors": fl, "runs": runs}, indent=1) + "\n")
+    Path(f"{out}.json").write_text(json.dumps({"budget": budget, "student": student, "set": list(common),
+                                                "floors": fl, "runs": runs}, indent=1) + "\n")
     plot(runs, fl, regimes, Path(f"{out}.png"), student)
     print("\n".join(text))
 
