@@ -165,3 +165,27 @@ def test_vllm_prefix_cache_is_reset_on_weight_load(ray_cluster, tiny_models, tin
     stale = ((_reference_logprobs(dirs[0], batch) - batch.rollout_logprobs).abs() * mask).sum() / mask.sum()
     assert gap < 1e-3, f"after the load, vLLM's log-probs differ from the new weights' by {gap:.4f}"
     assert stale > 100 * max(gap, 1e-6), "the two students are too alike to tell a stale cache"
+
+
+@needs_vllm
+def test_vllm_serves_a_head_pruned_student(ray_cluster, tiny_models, tiny_data, tmp_path):
+    """rlkd.prune writes head_dim into the config when it narrows heads (hidden != heads x head_dim after the
+    cut); vLLM must read it, and generate with the log-probs HF computes for the same cut model."""
+    from rlkd.prune import main as prune
+
+    tok, data = tiny_data
+    out = tmp_path / "cut"
+    assert prune(["--model", str(tiny_models[0]), "--out", str(out), "--calib-rows", "16", "--layers", "1",
+                  "--head-ratio", "0.5", "--mlp-ratio", "0.5"]) == 0
+    c = load_model(out).config
+    assert c.num_attention_heads * c.head_dim != c.hidden_size  # the shape that needs head_dim
+    prompts = [d.prompt_ids for d in data[:6]]
+    actor = ray_cluster.remote(RolloutActor).options(num_cpus=1).remote(
+        EngineSpec(str(out), tok.pad_token_id, tok.eos_token_id, cpu_kv_cache_gib=0.1, max_model_len=128), "vllm")
+    try:
+        got = ray_cluster.get(actor.generate.remote(prompts, MAX_NEW, 1.0, 1.0, 3))
+    finally:
+        ray_cluster.kill(actor)
+    batch = SequenceBatch.collate(prompts, got["responses"], tok.pad_token_id, got["logprobs"])
+    gap = ((_reference_logprobs(out, batch) - batch.rollout_logprobs).abs() * batch.response_mask).max().item()
+    assert gap < 1e-3, f"vLLM's log-probs of the head-pruned model differ from HF's by {gap}"
