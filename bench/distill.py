@@ -54,6 +54,11 @@ def split_variant(method: str) -> tuple[str, list[str]]:
     return base, [f"algo.{base}.{kv}" for kv in settings.split(",") if kv]
 
 
+def base_method(label: str) -> str:
+    """'okd:teacher_lr=1e-5' -> 'okd'; 'fkl (lr 0.003)' (bench/lr_grid.py's labels) -> 'fkl'."""
+    return label.split(" ")[0].partition(":")[0]
+
+
 def overrides(method: str, regime: str, budget: int, seed: int, smoke: bool, work: Path,
               student: str = "pruned", common: tuple[str, ...] = ()) -> list[str]:
     from quality import train_steps
@@ -143,7 +148,7 @@ def table(regime: str, runs: list[dict], fl: dict, labelled: int) -> tuple[str, 
     by = {}
     for r in runs:
         by.setdefault(r["method"], []).append(r)
-    sft = by.get("sft")
+    sft = next((rs for m, rs in by.items() if base_method(m) == "sft"), None)
     lines = ["| model | data used | greedy EM | sampled EM | TOP-1 agree | gold CE | greedy − SFT [95% CI] | "
              "separated from SFT | train s |", "|---|---|---|---|---|---|---|---|---|"]
     c = fl["constant answer"]["scores"]
@@ -160,12 +165,12 @@ def table(regime: str, runs: list[dict], fl: dict, labelled: int) -> tuple[str, 
         top1, ce = mean_std([r["top1_agreement"] for r in rs]), mean_std([r["gold_ce"] for r in rs])
         best = max(best, (g[0] - before) / (teacher - before))
         diff, sep = "", ""
-        if sft and m != "sft":
+        if sft and base_method(m) != "sft":
             d, lo, hi = paired([r["scores"]["greedy"]["correct"] for r in rs],
                                [r["scores"]["greedy"]["correct"] for r in sft])
             widths.append((hi - lo) / 2)
             diff, sep = f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]", ("yes" if lo > 0 or hi < 0 else "no")
-        gold = split_variant(m)[0] in GOLD_METHODS  # prompt-only methods see the same data in both regimes
+        gold = base_method(m) in GOLD_METHODS  # prompt-only methods see the same data in both regimes
         used = (f"{labelled} labelled rows" if labelled else "all 4000 labelled rows") if gold else "all train prompts"
         lines.append(f"| {m} ({len(rs)} seeds) | {used} | {g[0]:.1f} ± {g[1]:.1f} | {s[0]:.1f} ± {s[1]:.1f} | "
                      f"{top1[0]:.1f} ± {top1[1]:.1f} | {ce[0]:.2f} ± {ce[1]:.2f} | {diff} | {sep} | "
@@ -289,7 +294,8 @@ def main(argv=None) -> int:
     # the report holds the reused runs too: their regimes and methods after the ones asked for
     regimes += [g for g in dict.fromkeys(r["regime"] for r in done["runs"]) if g not in regimes]
     methods += [m for m in dict.fromkeys(r["method"] for r in done["runs"]) if m not in methods]
-    write_report(done, regimes, methods, budget, flags, out, time.time() - t0, a.student, a.set)
+    write_report(done, regimes, methods, budget, f"python bench/distill.py{flags}", out, time.time() - t0, a.student,
+                 a.set)
     partial.unlink(missing_ok=True)
     return 0
 
@@ -310,11 +316,12 @@ def reuse(done: dict, files: list[Path], budget: int, student: str, common: list
         log(f"reusing {len(new)} runs of {f}")
 
 
-def write_report(done: dict, regimes, methods, budget: int, flags: str, out: Path, seconds: float,
+def write_report(done: dict, regimes, methods, budget: int, command: str, out: Path, seconds: float,
                  student: str, common: list[str]) -> None:
     fl, runs = done["floors"], [r for r in done["runs"] if r["method"] in methods]
     spent = sum(r["run_seconds"] for r in runs) / 60  # reused runs were timed when they ran
-    text = [f"# Distillation benchmark\n\n`python bench/distill.py{flags}` ({seconds / 60:.0f} min on this machine; "
+    took = f"{seconds / 60:.0f} min on this machine; " if seconds else "merged from saved runs; "
+    text = [f"# Distillation benchmark\n\n`{command}` ({took}"
             f"its {len(runs)} runs took {spent:.0f} min of training and evaluation in all): "
             f"skills suite, {STUDENTS[student][1]}, {budget} student optimizer steps per run. Test split: "
             f"{len(fl['teacher']['scores']['greedy']['correct'])} prompts; greedy exact match, one T = 1 sample "

@@ -4,6 +4,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 from rlkd.algorithms import build_method
 from rlkd.config import load_config
 from rlkd.data import PromptSampler
@@ -79,6 +81,34 @@ def test_distill_benchmark_smoke(capsys):
         assert r["curve"] and len(r["scores"]["greedy"]["correct"]) == 16
         assert 0 <= r["top1_agreement"] <= 100 and math.isfinite(r["gold_ce"])
     assert Path(latest).with_suffix(".png").stat().st_size > 10_000
+    _lr_grid_chooses_on_validation(_json.loads(Path(latest).read_text()), Path(latest).parent, capsys)
+
+
+def _lr_grid_chooses_on_validation(result: dict, tmp: Path, capsys):
+    """bench/lr_grid.py on the smoke result as two learning rates: SFT's rate is the one whose validation
+    curve ends higher (even where its test score is lower), OPD's ties go to the default."""
+    import copy
+    import json as _json
+
+    from lr_grid import main as grid_main
+
+    high = copy.deepcopy(result)
+    high["set"] = ["learner.student_lr=3e-3"]
+    for r in high["runs"]:
+        if r["method"] == "sft":
+            r["curve"] = [(s, t, y + 10) for s, t, y in r["curve"]]
+            r["scores"]["greedy"]["exact_match"] -= 5
+    files = [tmp / "default.json", tmp / "high.json"]
+    for f, res in zip(files, (result, high)):
+        f.write_text(_json.dumps(res))
+    assert grid_main([*map(str, files), "--out", str(tmp / "tuned")]) == 0
+    out = capsys.readouterr().out
+    assert "| scarce | sft |" in out and "| 0.003 | 1 |" in out and "| 0.001 | 1 |" in out
+    assert "| sft (lr 0.003) (1 seeds) | 512 labelled rows |" in out and "| opd (lr 0.001) (1 seeds) |" in out
+    with pytest.raises(SystemExit, match="also set"):
+        high["set"].append("algo.opd.discount=0.5")
+        files[1].write_text(_json.dumps(high))
+        grid_main([*map(str, files), "--out", str(tmp / "tuned")])
 
 
 def test_teacher_service_bench_scores_and_counts_bytes():

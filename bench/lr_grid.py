@@ -1,0 +1,102 @@
+"""Every method of the distillation benchmark at its own best learning rate, chosen on validation.
+
+    python bench/lr_grid.py RESULT.json [RESULT.json ...] [--out bench/results/distill_tuned]
+        -> <out>_grid.md (the grid), <out>.md, .json, .png (the final table at each method's chosen rate)
+
+Each RESULT is a file written by bench/distill.py, one learning rate each (`--set learner.student_lr=X`;
+a file without it ran the default, 1e-3), same student and budget. The rate is chosen per method and regime
+on the validation split only: the mean greedy exact match of its seed-0 run over the last two points of its
+learning curve (512 validation prompts; steps 320 and 400 at the default budget). The test split scores
+only the chosen runs, and they need every seed the untuned table has (bench/distill.py --seeds 3 --reuse the
+seed-0 file at that rate); a method whose chosen rate has fewer seeds is reported with the seeds it has.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+DEFAULT_LR = 1e-3  # learner.student_lr's default
+
+
+def rate(result: dict) -> float:
+    """The student learning rate a result file ran at."""
+    lrs = [float(x.split("=", 1)[1]) for x in result.get("set", []) if x.startswith("learner.student_lr=")]
+    others = [x for x in result.get("set", []) if not x.startswith("learner.student_lr=")]
+    if others:
+        raise SystemExit(f"its runs also set {others}: a grid over the learning rate alone cannot use them")
+    return lrs[-1] if lrs else DEFAULT_LR
+
+
+def validation(run: dict) -> float:
+    """What the rate is chosen on: the mean of the last two validation points of the learning curve."""
+    return statistics.mean(point[2] for point in run["curve"][-2:])
+
+
+def choose(files: list[Path]) -> tuple[dict, dict, dict]:
+    """grid[(regime, method)][lr] = seed-0 run; runs[(regime, method, lr)] = every seed; the shared header."""
+    grid, runs, head = {}, {}, None
+    for f in files:
+        result = json.loads(f.read_text())
+        try:
+            lr = rate(result)
+        except SystemExit as e:
+            raise SystemExit(f"{f}: {e}") from None
+        mine = {k: result.get(k, d) for k, d in (("budget", None), ("student", "pruned"))}
+        if head and mine != {k: head[k] for k in mine}:
+            raise SystemExit(f"{f}: budget/student {mine} differ from the other files' {head}")
+        head = head or {**mine, "floors": result["floors"]}
+        for r in result["runs"]:
+            runs.setdefault((r["regime"], r["method"], lr), []).append(r)
+            if r["seed"] == 0:
+                grid.setdefault((r["regime"], r["method"]), {})[lr] = r
+    return grid, runs, head
+
+
+def grid_table(grid: dict, chosen: dict, runs: dict) -> str:
+    lrs = sorted({lr for by_lr in grid.values() for lr in by_lr})
+    lines = ["| regime | method | " + " | ".join(f"lr {lr:g}: val / test" for lr in lrs) + " | chosen | seeds |",
+             "|---|---|" + "---|" * len(lrs) + "---|---|"]
+    for (regime, method), by_lr in sorted(grid.items()):
+        cells = [f"{validation(by_lr[lr]):.1f} / {by_lr[lr]['scores']['greedy']['exact_match']:.1f}"
+                 if lr in by_lr else "-" for lr in lrs]
+        best = chosen[(regime, method)]
+        cells = [f"**{c}**" if lr == best else c for c, lr in zip(cells, lrs)]
+        lines.append(f"| {regime} | {method} | " + " | ".join(cells) +
+                     f" | {best:g} | {len(runs[(regime, method, best)])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    from distill import write_report
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", nargs="+", type=Path)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distill_tuned"))
+    a = ap.parse_args(argv)
+    grid, runs, head = choose(a.results)
+    chosen = {key: max(by_lr, key=lambda lr: (validation(by_lr[lr]), lr == DEFAULT_LR))  # ties: the default
+              for key, by_lr in grid.items()}
+    command = "python bench/lr_grid.py " + " ".join(str(f) for f in a.results)
+    text = (f"# Learning-rate grid\n\n`{command}`\n\nGreedy exact match of each method's seed-0 run, "
+            "validation (the mean of its last two curve points, what the rate is chosen on) / test (reported, "
+            "never used to choose). Chosen rate in bold; seeds: the runs the final table has at that rate.\n\n"
+            + grid_table(grid, chosen, runs))
+    Path(f"{a.out}_grid.md").write_text(text)
+    print(text)
+    done = {"floors": head["floors"], "runs": [{**r, "method": f"{method} (lr {lr:g})"}
+                                               for (regime, method), lr in chosen.items()
+                                               for r in runs[(regime, method, lr)]]}
+    regimes = list(dict.fromkeys(regime for regime, _ in grid))
+    methods = list(dict.fromkeys(r["method"] for r in done["runs"]))
+    write_report(done, regimes, methods, head["budget"], command + f" --out {a.out}", Path(a.out), 0.0,
+                 head["student"], ["learner.student_lr=<chosen per method: see the grid>"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
