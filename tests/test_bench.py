@@ -118,3 +118,20 @@ def test_teacher_service_bench_scores_and_counts_bytes():
     full, token = score_case("tiny", "hf", 1, "full", 1), score_case("tiny", "hf", 1, "token", 1)
     assert full["bytes_per_position"] == 4 * 1265 + 4 and token["bytes_per_position"] == 4
     assert full["tokens_per_s"] > 0 and token["tokens_per_s"] > 0
+
+
+def test_distill_reuse_refuses_runs_of_another_student_or_setting(tmp_path):
+    """--reuse merges saved runs only when they ran the same budget, student and --set."""
+    import json as _json
+
+    from distill import reuse
+
+    saved = tmp_path / "saved.json"
+    saved.write_text(_json.dumps({"budget": 400, "student": "plateau", "set": [], "floors": {}, "runs": []}))
+    with pytest.raises(SystemExit, match="student plateau, not pruned"):
+        reuse({"runs": []}, [saved], 400, "pruned", [], print)
+    with pytest.raises(SystemExit, match=r"--set \[\], not \['learner.student_lr=1e-4'\]"):
+        reuse({"runs": []}, [saved], 400, "plateau", ["learner.student_lr=1e-4"], print)
+    done = {"runs": []}
+    reuse(done, [saved], 400, "plateau", [], print)
+    assert done["floors"] == {}
