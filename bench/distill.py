@@ -48,6 +48,18 @@ STUDENTS = {"pruned": (["model.prune_layers=2"], "pruned 2-layer student"),  # -
             "plateau": (["model.plateau_student=true"], "from-scratch 2x128 student at its SFT plateau")}
 
 
+def parse_methods(text: str) -> list[str]:
+    """'sft,okd:teacher_lr=0,trust_kl=1,gkd' -> ['sft', 'okd:teacher_lr=0,trust_kl=1', 'gkd']: a `key=value`
+    without a method before it belongs to the variant before it."""
+    methods = []
+    for item in text.split(","):
+        if "=" in item and ":" not in item and methods and ":" in methods[-1]:
+            methods[-1] += f",{item}"
+        else:
+            methods.append(item)
+    return methods
+
+
 def split_variant(method: str) -> tuple[str, list[str]]:
     """'okd:teacher_lr=1e-5,alpha=0.2' -> ('okd', ['algo.okd.teacher_lr=1e-5', 'algo.okd.alpha=0.2'])."""
     base, _, settings = method.partition(":")
@@ -256,15 +268,21 @@ def main(argv=None) -> int:
     from quality import _resume, _save
 
     from rlkd.cluster import connect_ray, shutdown_ray
+    from rlkd.checks import ConfigError
     from rlkd.config import load_config
     from rlkd.prepare import prepare
 
     a, t0, log = _args(argv), time.time(), print
-    methods = (a.methods or ("sft,opd" if a.smoke else ",".join(METHODS))).split(",")
+    methods = parse_methods(a.methods or ("sft,opd" if a.smoke else ",".join(METHODS)))
     seeds, budget = ([0], 3) if a.smoke else (list(range(a.seeds)), a.budget)
     regimes = ["scarce"] if a.smoke else a.regimes.split(",")
     out = Path(tempfile.mkdtemp(prefix="rlkd-distill-")) / "distill" if a.smoke else Path(a.out)
     work = Path(tempfile.mkdtemp(prefix="rlkd-distill-runs-"))
+    for method in methods:  # a misspelt method or setting fails now, not after hours of other runs
+        try:
+            load_config(None, overrides(method, "scarce", budget, 0, a.smoke, work, a.student, tuple(a.set)))
+        except ConfigError as e:
+            raise SystemExit(f"--methods {method}: {e}") from None
     cfg = load_config(None, overrides("sft", "scarce", budget, 0, a.smoke, work, a.student))
     prep = prepare(cfg, log=lambda *x: None)  # the pruned student is built (and cached) once
     flags = " --smoke" if a.smoke else (f" --regimes {','.join(regimes)} --methods {','.join(methods)} "

@@ -135,3 +135,9 @@ def test_distill_reuse_refuses_runs_of_another_student_or_setting(tmp_path):
     done = {"runs": []}
     reuse(done, [saved], 400, "plateau", [], print)
     assert done["floors"] == {}
+
+
+def test_distill_methods_keep_a_variants_settings_together():
+    from distill import parse_methods
+
+    assert parse_methods("sft,okd:teacher_lr=0,trust_kl=1,gkd") == ["sft", "okd:teacher_lr=0,trust_kl=1", "gkd"]
