@@ -51,7 +51,10 @@ def choose(files: list[Path]) -> tuple[dict, dict, dict]:
             raise SystemExit(f"{f}: budget/student {mine} differ from the other files' {head}")
         head = head or {**mine, "floors": result["floors"]}
         for r in result["runs"]:
-            runs.setdefault((r["regime"], r["method"], lr), []).append(r)
+            have = runs.setdefault((r["regime"], r["method"], lr), [])
+            if r["seed"] in {x["seed"] for x in have}:
+                continue  # a file that --reuse'd another holds its runs too
+            have.append(r)
             if r["seed"] == 0:
                 grid.setdefault((r["regime"], r["method"]), {})[lr] = r
     return grid, runs, head
