@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 DEFAULT_LR = 1e-3  # learner.student_lr's default
+MIN_RATES = 3  # a method run at fewer rates is not on the grid: listed, left out of the final table
 
 
 def rate(result: dict) -> float:
@@ -57,7 +58,24 @@ def choose(files: list[Path]) -> tuple[dict, dict, dict]:
             have.append(r)
             if r["seed"] == 0:
                 grid.setdefault((r["regime"], r["method"]), {})[lr] = r
+    share_prompt_only(grid, runs)
     return grid, runs, head
+
+
+def share_prompt_only(grid: dict, runs: dict) -> None:
+    """A method that needs only prompts sees the same data in every regime (bench/distill.py trains it again
+    in each and gets the same run): a rate run in one regime counts in all of them."""
+    from distill import GOLD_METHODS, base_method
+
+    regimes = {regime for regime, _ in grid}
+    for (regime, method), by_lr in list(grid.items()):
+        if base_method(method) in GOLD_METHODS:
+            continue
+        for other in regimes:
+            for lr, run in by_lr.items():
+                if lr not in grid.setdefault((other, method), {}):
+                    grid[(other, method)][lr] = {**run, "regime": other}
+                    runs[(other, method, lr)] = [{**r, "regime": other} for r in runs[(regime, method, lr)]]
 
 
 def grid_table(grid: dict, chosen: dict, runs: dict) -> str:
@@ -67,10 +85,10 @@ def grid_table(grid: dict, chosen: dict, runs: dict) -> str:
     for (regime, method), by_lr in sorted(grid.items()):
         cells = [f"{validation(by_lr[lr]):.1f} / {by_lr[lr]['scores']['greedy']['exact_match']:.1f}"
                  if lr in by_lr else "-" for lr in lrs]
-        best = chosen[(regime, method)]
+        best = chosen.get((regime, method))
         cells = [f"**{c}**" if lr == best else c for c, lr in zip(cells, lrs)]
-        lines.append(f"| {regime} | {method} | " + " | ".join(cells) +
-                     f" | {best:g} | {len(runs[(regime, method, best)])} |")
+        tail = f"{best:g} | {len(runs[(regime, method, best)])}" if best else "not on the grid | -"
+        lines.append(f"| {regime} | {method} | " + " | ".join(cells) + f" | {tail} |")
     return "\n".join(lines) + "\n"
 
 
@@ -83,18 +101,21 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     grid, runs, head = choose(a.results)
     chosen = {key: max(by_lr, key=lambda lr: (validation(by_lr[lr]), lr == DEFAULT_LR))  # ties: the default
-              for key, by_lr in grid.items()}
+              for key, by_lr in grid.items() if len(by_lr) >= MIN_RATES}
     command = "python bench/lr_grid.py " + " ".join(str(f) for f in a.results)
     text = (f"# Learning-rate grid\n\n`{command}`\n\nGreedy exact match of each method's seed-0 run, "
             "validation (the mean of its last two curve points, what the rate is chosen on) / test (reported, "
-            "never used to choose). Chosen rate in bold; seeds: the runs the final table has at that rate.\n\n"
+            "never used to choose). Chosen rate in bold; seeds: the runs the final table has at that rate. A "
+            f"method run at fewer than {MIN_RATES} rates is listed, not chosen for, and left out of the final "
+            "table. A method that needs only prompts shares its runs between the regimes. Runs of different "
+            "files may have run side by side: compare their seconds only within one file.\n\n"
             + grid_table(grid, chosen, runs))
     Path(f"{a.out}_grid.md").write_text(text)
     print(text)
     done = {"floors": head["floors"], "runs": [{**r, "method": f"{method} (lr {lr:g})"}
                                                for (regime, method), lr in chosen.items()
                                                for r in runs[(regime, method, lr)]]}
-    regimes = list(dict.fromkeys(regime for regime, _ in grid))
+    regimes = list(dict.fromkeys(regime for regime, _ in chosen))
     methods = list(dict.fromkeys(r["method"] for r in done["runs"]))
     write_report(done, regimes, methods, head["budget"], command + f" --out {a.out}", Path(a.out), 0.0,
                  head["student"], ["learner.student_lr=<chosen per method: see the grid>"])
