@@ -85,29 +85,35 @@ def test_distill_benchmark_smoke(capsys):
 
 
 def _lr_grid_chooses_on_validation(result: dict, tmp: Path, capsys):
-    """bench/lr_grid.py on the smoke result as two learning rates: SFT's rate is the one whose validation
-    curve ends higher (even where its test score is lower), OPD's ties go to the default."""
+    """bench/lr_grid.py on the smoke result as three learning rates: SFT's rate is the one whose validation
+    curve ends higher (even where its test score is lower); OPD's ties go to the default, and OPD (prompts
+    only) run in another regime counts in both."""
     import copy
     import json as _json
 
     from lr_grid import main as grid_main
 
-    high = copy.deepcopy(result)
-    high["set"] = ["learner.student_lr=3e-3"]
-    for r in high["runs"]:
-        if r["method"] == "sft":
-            r["curve"] = [(s, t, y + 10) for s, t, y in r["curve"]]
-            r["scores"]["greedy"]["exact_match"] -= 5
-    files = [tmp / "default.json", tmp / "high.json"]
-    for f, res in zip(files, (result, high)):
+    files = [tmp / "default.json", tmp / "high.json", tmp / "low.json"]
+    variants = [result, copy.deepcopy(result), copy.deepcopy(result)]
+    for v, lr, shift in ((variants[1], "3e-3", 10), (variants[2], "3e-4", -10)):
+        v["set"] = [f"learner.student_lr={lr}"]
+        for r in v["runs"]:
+            if r["method"] == "sft":
+                r["curve"] = [(s, t, y + shift) for s, t, y in r["curve"]]
+                r["scores"]["greedy"]["exact_match"] -= shift / 2
+            else:
+                r["regime"] = "full" if lr == "3e-4" else r["regime"]
+    for f, res in zip(files, variants):
         f.write_text(_json.dumps(res))
     assert grid_main([*map(str, files), "--out", str(tmp / "tuned")]) == 0
     out = capsys.readouterr().out
-    assert "| scarce | sft |" in out and "| 0.003 | 1 |" in out and "| 0.001 | 1 |" in out
+    rows = {line.split(" | ")[1]: line for line in out.splitlines() if line.startswith("| scarce |")}
+    assert rows["sft"].endswith("| 0.003 | 1 |") and rows["opd"].endswith("| 0.001 | 1 |")
+    assert "| full | opd |" in out and "| full | sft |" not in out
     assert "| sft (lr 0.003) (1 seeds) | 512 labelled rows |" in out and "| opd (lr 0.001) (1 seeds) |" in out
+    variants[1]["set"].append("algo.opd.discount=0.5")
+    files[1].write_text(_json.dumps(variants[1]))
     with pytest.raises(SystemExit, match="also set"):
-        high["set"].append("algo.opd.discount=0.5")
-        files[1].write_text(_json.dumps(high))
         grid_main([*map(str, files), "--out", str(tmp / "tuned")])
 
 
