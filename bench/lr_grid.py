@@ -92,6 +92,30 @@ def grid_table(grid: dict, chosen: dict, runs: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparisons(chosen: dict, runs: dict) -> str:
+    """Paired over the test prompts (every seed): each method at its chosen rate against itself at the
+    default rate, and against the leader of its regime."""
+    from distill import paired
+
+    def correct(regime, method, lr):
+        return [r["scores"]["greedy"]["correct"] for r in runs[(regime, method, lr)]]
+
+    def mean(regime, method, lr):
+        return statistics.mean(r["scores"]["greedy"]["exact_match"] for r in runs[(regime, method, lr)])
+
+    lines = []
+    for regime in dict.fromkeys(g for g, _ in chosen):
+        mine = {m: lr for (g, m), lr in chosen.items() if g == regime}
+        leader = max(mine, key=lambda m: mean(regime, m, mine[m]))
+        for m, lr in mine.items():
+            vs = [(f"itself at lr {DEFAULT_LR:g}", (m, DEFAULT_LR))] if lr != DEFAULT_LR else []
+            vs += [(f"the leader, {leader}", (leader, mine[leader]))] if m != leader else []
+            for name, (om, olr) in vs:
+                d, lo, hi = paired(correct(regime, m, lr), correct(regime, om, olr))
+                lines.append(f"- {regime}: {m} at lr {lr:g} − {name}: {d:+.1f} [{lo:+.1f}, {hi:+.1f}]")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     from distill import write_report
 
@@ -109,7 +133,8 @@ def main(argv=None) -> int:
             f"method run at fewer than {MIN_RATES} rates is listed, not chosen for, and left out of the final "
             "table. A method that needs only prompts shares its runs between the regimes. Runs of different "
             "files may have run side by side: compare their seconds only within one file.\n\n"
-            + grid_table(grid, chosen, runs))
+            + grid_table(grid, chosen, runs) + "\nGreedy exact match on the test split, paired over its prompts "
+            "(each prompt averaged over seeds), with 95% bootstrap intervals:\n\n" + comparisons(chosen, runs))
     Path(f"{a.out}_grid.md").write_text(text)
     print(text)
     done = {"floors": head["floors"], "runs": [{**r, "method": f"{method} (lr {lr:g})"}
