@@ -15,7 +15,8 @@ the shipped from-scratch 2x128 student trained by SFT to its plateau (`model.pla
   them, methods that need only prompts from all 4000 train prompts. This is the regime users distil in;
 - `full`: every train row keeps its answer.
 Every method runs the same budget of student optimizer steps (AMMD's critic-only warm-up steps and MiniLLM's
-PPO epochs as in bench/quality.py), at the default learning rate 1e-3, for each training seed. GKD uses
+PPO epochs as in bench/quality.py), at the default learning rate 1e-3 (`--set learner.student_lr=X` for
+another; bench/lr_grid.py picks each method's rate on validation from one file per rate), for each seed. GKD uses
 teacher samples for its off-policy half (`seq_kd`), so it is a prompt-only method. Scores:
 - test split, 512 prompts: greedy and sampled (T = 1) exact match, TOP-1 agreement with the teacher and the
   gold cross-entropy (teacher-forced on the gold answers), mean ± std over training seeds;

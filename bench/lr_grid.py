@@ -144,6 +144,10 @@ def main(argv=None) -> int:
     methods = list(dict.fromkeys(r["method"] for r in done["runs"]))
     write_report(done, regimes, methods, head["budget"], command + f" --out {a.out}", Path(a.out), 0.0,
                  head["student"], ["learner.student_lr=<chosen per method: see the grid>"])
+    with open(f"{a.out}.md", "a") as md:  # the runs came from several files: their seconds may not compare
+        md.write(f"\nEach method ran at its own learning rate, chosen on validation: [{Path(a.out).name}_grid.md]"
+                 f"({Path(a.out).name}_grid.md). Its runs come from several result files, some of which ran side "
+                 "by side on this machine: compare training seconds only between runs of one file.\n")
     return 0
 
 
