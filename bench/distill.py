@@ -268,8 +268,8 @@ def _args(argv):
 def main(argv=None) -> int:
     from quality import _resume, _save
 
-    from rlkd.cluster import connect_ray, shutdown_ray
     from rlkd.checks import ConfigError
+    from rlkd.cluster import connect_ray, shutdown_ray
     from rlkd.config import load_config
     from rlkd.prepare import prepare
 

@@ -26,7 +26,10 @@ MIN_RATES = 3  # a method run at fewer rates is not on the grid: listed, left ou
 
 def rate(result: dict) -> float:
     """The student learning rate a result file ran at."""
-    lrs = [float(x.split("=", 1)[1]) for x in result.get("set", []) if x.startswith("learner.student_lr=")]
+    try:
+        lrs = [float(x.split("=", 1)[1]) for x in result.get("set", []) if x.startswith("learner.student_lr=")]
+    except ValueError:  # e.g. this script's own output, whose methods ran at different rates
+        raise SystemExit(f"its runs do not share one learning rate: {result.get('set')}") from None
     others = [x for x in result.get("set", []) if not x.startswith("learner.student_lr=")]
     if others:
         raise SystemExit(f"its runs also set {others}: a grid over the learning rate alone cannot use them")
@@ -108,7 +111,8 @@ def comparisons(chosen: dict, runs: dict) -> str:
         mine = {m: lr for (g, m), lr in chosen.items() if g == regime}
         leader = max(mine, key=lambda m: mean(regime, m, mine[m]))
         for m, lr in mine.items():
-            vs = [(f"itself at lr {DEFAULT_LR:g}", (m, DEFAULT_LR))] if lr != DEFAULT_LR else []
+            vs = ([(f"itself at lr {DEFAULT_LR:g}", (m, DEFAULT_LR))]
+                  if lr != DEFAULT_LR and (regime, m, DEFAULT_LR) in runs else [])
             vs += [(f"the leader, {leader}", (leader, mine[leader]))] if m != leader else []
             for name, (om, olr) in vs:
                 d, lo, hi = paired(correct(regime, m, lr), correct(regime, om, olr))
