@@ -20,19 +20,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-DEFAULT_LR = 1e-3  # learner.student_lr's default
+from rlkd.config import LearnerConfig  # noqa: E402 (after the path)
+
+DEFAULT_LR = LearnerConfig.student_lr  # what a file without --set learner.student_lr ran at
 MIN_RATES = 3  # a method run at fewer rates is not on the grid: listed, left out of the final table
 
 
-def rate(result: dict) -> float:
-    """The student learning rate a result file ran at."""
+def rate(result: dict, f: Path) -> float:
+    """The student learning rate the result file `f` ran at."""
     try:
         lrs = [float(x.split("=", 1)[1]) for x in result.get("set", []) if x.startswith("learner.student_lr=")]
     except ValueError:  # e.g. this script's own output, whose methods ran at different rates
-        raise SystemExit(f"its runs do not share one learning rate: {result.get('set')}") from None
+        raise SystemExit(f"{f}: its runs do not share one learning rate: {result.get('set')}") from None
     others = [x for x in result.get("set", []) if not x.startswith("learner.student_lr=")]
     if others:
-        raise SystemExit(f"its runs also set {others}: a grid over the learning rate alone cannot use them")
+        raise SystemExit(f"{f}: its runs also set {others}: a grid over the learning rate alone cannot use them")
     return lrs[-1] if lrs else DEFAULT_LR
 
 
@@ -46,10 +48,7 @@ def choose(files: list[Path]) -> tuple[dict, dict, dict]:
     grid, runs, head = {}, {}, None
     for f in files:
         result = json.loads(f.read_text())
-        try:
-            lr = rate(result)
-        except SystemExit as e:
-            raise SystemExit(f"{f}: {e}") from None
+        lr = rate(result, f)
         mine = {k: result.get(k, d) for k, d in (("budget", None), ("student", "pruned"))}
         if head and mine != {k: head[k] for k in mine}:
             raise SystemExit(f"{f}: budget/student {mine} differ from the other files' {head}")
