@@ -201,6 +201,16 @@ def table(regime: str, runs: list[dict], fl: dict, labelled: int) -> tuple[str, 
     return "\n".join(lines) + f"\n\n{sdd}\n", best
 
 
+def pairs(runs: list[dict], compare: tuple[str, ...]) -> str:
+    """`--compare A/B`: A − B in greedy exact match, paired over the test prompts, where both ran."""
+    correct = {}
+    for r in runs:
+        correct.setdefault(r["method"], []).append(r["scores"]["greedy"]["correct"])
+    lines = [f"- {a} − {b}: " + "{:+.1f} [{:+.1f}, {:+.1f}]".format(*paired(correct[a], correct[b]))
+             for a, b in (c.split("/") for c in compare) if a in correct and b in correct]
+    return "Paired over the test prompts, 95% bootstrap interval:\n\n" + "\n".join(lines) + "\n\n" if lines else ""
+
+
 GOLD_METHODS = {"sft", "fkl", "rkl", "tvd", "jsd", "okd", "imitkd", "distillm"}  # their schedules use gold rows
 
 
@@ -260,6 +270,8 @@ def _args(argv):
                     help="pruned: the teacher cut to 2 layers; plateau: the shipped from-scratch student")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="a config override for every run (e.g. learner.student_lr=1e-4)")
+    ap.add_argument("--compare", action="append", default=[], metavar="A/B",
+                    help="also report method A - method B, paired over the test prompts (e.g. ammd/gkd)")
     ap.add_argument("--report-only", action="store_true", help="train nothing: the report of the --reuse runs")
     ap.add_argument("--reuse", default="", help="comma-separated result files whose runs (same budget) are kept")
     return ap.parse_args(argv)
@@ -289,7 +301,8 @@ def main(argv=None) -> int:
     flags = " --smoke" if a.smoke else (f" --regimes {','.join(regimes)} --methods {','.join(methods)} "
                                         f"--seeds {a.seeds} --budget {budget}" + (a.reuse and f" --reuse {a.reuse}")
                                         + (f" --student {a.student}" if a.student != "pruned" else "")
-                                        + "".join(f" --set {x}" for x in a.set) + " --report-only" * a.report_only)
+                                        + "".join(f" --set {x}" for x in a.set)
+                                        + "".join(f" --compare {x}" for x in a.compare) + " --report-only" * a.report_only)
     partial = Path(f"{out}.partial.json")
     done = _resume(partial, flags, log)
     t0 -= done.get("seconds", 0.0)
@@ -314,7 +327,7 @@ def main(argv=None) -> int:
     regimes += [g for g in dict.fromkeys(r["regime"] for r in done["runs"]) if g not in regimes]
     methods += [m for m in dict.fromkeys(r["method"] for r in done["runs"]) if m not in methods]
     write_report(done, regimes, methods, budget, f"python bench/distill.py{flags}", out, time.time() - t0, a.student,
-                 a.set)
+                 a.set, tuple(a.compare))
     partial.unlink(missing_ok=True)
     return 0
 
@@ -336,7 +349,7 @@ def reuse(done: dict, files: list[Path], budget: int, student: str, common: list
 
 
 def write_report(done: dict, regimes, methods, budget: int, command: str, out: Path, seconds: float,
-                 student: str, common: list[str]) -> None:
+                 student: str, common: list[str], compare: tuple[str, ...] = ()) -> None:
     fl, runs = done["floors"], [r for r in done["runs"] if r["method"] in methods]
     spent = sum(r["run_seconds"] for r in runs) / 60  # reused runs were timed when they ran
     took = f"{seconds / 60:.0f} min on this machine; " if seconds else "merged from saved runs; "
@@ -350,7 +363,7 @@ def write_report(done: dict, regimes, methods, budget: int, command: str, out: P
         rs = [r for r in runs if r["regime"] == regime]
         body, best = table(regime, rs, fl, REGIMES[regime])
         below = "; below 0: every method ends below the student before" if best < 0 else ""
-        text.append(f"## Regime: {regime}\n\n{body}\nThe best method closes {100 * best:.0f}% of the gap between the "
+        text.append(f"## Regime: {regime}\n\n{body}\n{pairs(rs, compare)}The best method closes {100 * best:.0f}% of the gap between the "
                     f"student before and the teacher (greedy{below}).\n\nGreedy answers to the first three test "
                     f"prompts:\n\n{samples(rs, fl)}")
     Path(f"{out}.md").write_text("\n".join(text))

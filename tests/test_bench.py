@@ -147,3 +147,14 @@ def test_distill_methods_keep_a_variants_settings_together():
     from distill import parse_methods
 
     assert parse_methods("sft,okd:teacher_lr=0,trust_kl=1,gkd") == ["sft", "okd:teacher_lr=0,trust_kl=1", "gkd"]
+
+
+def test_distill_compare_pairs_two_methods_on_the_same_prompts():
+    """--compare A/B: A − B paired over the test prompts, only where both ran."""
+    from distill import pairs
+
+    runs = [{"method": m, "scores": {"greedy": {"correct": c}}}
+            for m, c in (("a", [1, 1, 0, 1]), ("a", [1, 0, 0, 1]), ("b", [0, 1, 0, 1]), ("b", [0, 1, 0, 1]))]
+    text = pairs(runs, ("a/b", "a/missing"))
+    assert "- a − b: +12.5 [" in text and "missing" not in text
+    assert pairs(runs, ("a/missing",)) == ""
